@@ -1,0 +1,26 @@
+"""Exceptions that carry a one-line, user-facing message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class FacedetailError(Exception):
+    """Base class: ``str(err)`` is a complete one-line message for the user."""
+
+
+class SourceFileError(FacedetailError):
+    """A source file is missing, corrupt or does not have the expected content.
+
+    The message names the file, what is wrong and how to obtain a good copy.
+    """
+
+    def __init__(self, path: Path | str, problem: str, remedy: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        self.remedy = remedy
+        super().__init__(f"{self.path}: {problem}. {remedy}")
+
+
+class ChecksumError(SourceFileError):
+    """A file's SHA256 does not match the published checksum."""

@@ -1,0 +1,79 @@
+"""Shared fixtures: the eos share folder, and throw-away copies of this repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO_FILES = ("dvc.yaml", "params.yaml", "prefect.toml", ".dvcignore")
+REPO_DIRS = ("facedetail", "stages", "flows")
+SHARE_REL = Path("data/external/eos-share")
+
+os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+
+
+def _find_share() -> Path | None:
+    candidates = [os.environ.get("FACEDETAIL_ASSET_MIRROR"), ROOT / SHARE_REL, ROOT.parent / "shared/assets/eos-share"]
+    for c in candidates:
+        if c and (Path(c) / "sfm_shape_3448.bin").is_file():
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def eos_share() -> Path:
+    """Folder with the eos share files (Surrey Face Model); tests skip if it is nowhere."""
+    share = _find_share()
+    if share is None:
+        pytest.skip("eos share files not found: run `make assets` or set FACEDETAIL_ASSET_MIRROR")
+    return share
+
+
+def tool_env() -> dict[str, str]:
+    """Environment in which `python`, `dvc` and `git` resolve to this virtualenv's tools."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("GIT_AUTHOR_NAME", "facedetail-tests")
+    env.setdefault("GIT_AUTHOR_EMAIL", "tests@facedetail.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "facedetail-tests")
+    env.setdefault("GIT_COMMITTER_EMAIL", "tests@facedetail.invalid")
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def sh(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command with :func:`tool_env`; on failure show its output."""
+    proc = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_repo(dest: Path, share: Path, *, dvc: bool = True) -> Path:
+    """A fresh git (+ DVC) repository holding this project's pipeline code and the eos share files."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in REPO_FILES:
+        shutil.copy2(ROOT / name, dest / name)
+    for name in REPO_DIRS:
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(share, dest / SHARE_REL)
+    (dest / ".gitignore").write_text("/data/external/\n/data/lineage/\n__pycache__/\n")
+    sh(["git", "init", "-q", "-b", "main"], dest)
+    if dvc:
+        sh(["dvc", "init", "-q"], dest)
+        sh(["dvc", "config", "core.analytics", "false"], dest)
+    sh(["git", "add", "-A"], dest)
+    sh(["git", "commit", "-q", "-m", "pipeline"], dest)
+    return dest
+
+
+@pytest.fixture
+def repo(tmp_path: Path, eos_share: Path) -> Path:
+    """A throw-away git + DVC repository with the pipeline and the eos share files."""
+    return make_repo(tmp_path / "repo", eos_share)
