@@ -25,6 +25,14 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def report(title: str, n: int, ours: tuple[str, float], baseline: tuple[str, float]) -> None:
+    """Print both throughputs and our speed-up over the baseline."""
+    print(f"{title}:")
+    print(f"  {ours[0]:<19}: {n / ours[1]:10.0f} faces/s")
+    print(f"  {baseline[0]:<19}: {n / baseline[1]:10.0f} faces/s (baseline)")
+    print(f"  {'ratio':<19}: {baseline[1] / ours[1]:10.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--share", type=Path, default=Path("data/external/eos-share"))
@@ -58,10 +66,8 @@ def main() -> None:
 
     t_ours = best_of(ours_vertices, args.repeats)
     t_eos = best_of(eos_vertices, args.repeats)
-    print(f"vertices(alpha, beta), batch {args.batch}, SFM {model.n_vertices} vertices:")
-    print(f"  facedetail batched : {args.batch / t_ours:10.0f} faces/s")
-    print(f"  eos-py draw_sample : {args.batch / t_eos:10.0f} faces/s (baseline)")
-    print(f"  ratio              : {t_eos / t_ours:10.1f}x")
+    report(f"vertices(alpha, beta), batch {args.batch}, SFM {model.n_vertices} vertices", args.batch,
+           ("facedetail batched", t_ours), ("eos-py draw_sample", t_eos))
 
     n_norm = min(args.batch, 200)
     verts = ours[:n_norm]
@@ -74,10 +80,7 @@ def main() -> None:
 
     t_on = best_of(ours_normals, args.repeats)
     t_tn = best_of(trimesh_normals, args.repeats)
-    print(f"vertex normals, batch {n_norm}:")
-    print(f"  facedetail batched : {n_norm / t_on:10.0f} faces/s")
-    print(f"  trimesh per mesh   : {n_norm / t_tn:10.0f} faces/s (baseline)")
-    print(f"  ratio              : {t_tn / t_on:10.1f}x")
+    report(f"vertex normals, batch {n_norm}", n_norm, ("facedetail batched", t_on), ("trimesh per mesh", t_tn))
 
 
 if __name__ == "__main__":

@@ -52,15 +52,14 @@ class Stage(Generic[P]):
     run: Callable[..., StageResult]
 
     def load_params(self, root: Path, params_file: str = PARAMS_FILE) -> P:
-        """This stage's section of ``root/params.yaml`` (plus the top-level ``seed``), validated."""
+        """This stage's section of ``root/params.yaml``, validated."""
         return self.params_model.model_validate(load_section(root / params_file, self.name))
 
 
 def load_section(params_path: Path, section: str) -> dict[str, Any]:
     """One section of a params file; a missing section means all defaults."""
     data = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
-    values = dict(data.get(section) or {})
-    return values
+    return dict(data.get(section) or {})
 
 
 def lineage_run(stage: str, params: BaseModel, inputs: list[Path], root: Path, seed: int | None = None,
@@ -106,5 +105,6 @@ def main(stage: Stage[Any], argv: list[str] | None = None) -> int:
     except (FacedetailError, FileNotFoundError) as err:
         print(f"error: {stage.name}: {err}", file=sys.stderr)
         return 2
-    print(f"{stage.name}: wrote {result.out_dir} ({json.dumps(result.summary, sort_keys=True)})")
+    shown = result.out_dir.resolve().relative_to(args.root.resolve())
+    print(f"{stage.name}: wrote {shown} ({json.dumps(result.summary, sort_keys=True)})")
     return 0

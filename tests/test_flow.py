@@ -84,3 +84,14 @@ def test_flow_does_not_retry_bad_source(prefect_harness, tmp_path: Path, eos_sha
     events = list(iter_events(repo / "data/lineage/events.jsonl"))
     assert events == []  # the stage refused before starting: no input to record
     assert not (repo / "data/face_model").exists()
+
+
+@pytest.mark.slow
+def test_flow_cli_on_ephemeral_server(tmp_path: Path, eos_share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PREFECT_API_URL: the CLI starts Prefect's ephemeral server by itself."""
+    repo = make_repo(tmp_path / "eph", eos_share, dvc=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    proc = sh(["python", "-m", "flows.pipeline", "--root", str(repo)], repo)
+    assert "Finished in state Completed" in proc.stdout + proc.stderr
+    assert (repo / "data/face_model/model.npz").is_file()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import attr
 from openlineage.client import OpenLineageClient
@@ -162,8 +162,6 @@ class LineageRun:
     run_id: str = field(default_factory=lambda: str(generate_new_uuid()))
     started: str = field(default_factory=_utcnow)
     input_hashes: dict[str, str] = field(default_factory=dict)
-
-    _EVENT_KEYS: ClassVar[tuple[str, ...]] = ("START", "COMPLETE", "FAIL")
 
     def __post_init__(self) -> None:
         self.events_file = Path(self.events_file)

@@ -30,6 +30,9 @@ def read_landmark_map(path: Path | str, n_vertices: int) -> np.ndarray:
             out[ibug - 1] = int(vertex)
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
         raise SourceFileError(path, f"not a valid iBUG landmark map ({err})", _REMEDY) from None
+    mapped = out[out != -1]
+    if mapped.size and mapped.min() < 0:
+        raise SourceFileError(path, f"maps a landmark to negative vertex {int(mapped.min())}", _REMEDY)
     if out.max() >= n_vertices:
         raise SourceFileError(
             path, f"maps a landmark to vertex {int(out.max())} but the model has {n_vertices} vertices "

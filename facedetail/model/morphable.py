@@ -198,6 +198,8 @@ class MorphableModel:
         offset = a @ self._shape_scaled
         if self.n_expression:
             offset = offset + b @ self._expression_scaled
+        else:  # no expression part: the batch size may still come from beta
+            offset = np.broadcast_to(offset, (max(a.shape[0], b.shape[0]), offset.shape[1]))
         out = self.mean.reshape(1, -1) + offset
         out = out.reshape(-1, self.n_vertices, 3)
         return out if (a_batched or b_batched) else out[0]

@@ -32,7 +32,7 @@ def render_preview(model: MorphableModel, tile_size: int = 256, max_expressions:
     """RGB uint8 image: a grid of labelled renders (mean albedo, frontal orthographic camera)."""
     items = preview_expressions(model, max_expressions, pca_sigma)
     betas = np.stack([b for _, b in items])
-    verts = model.vertices(None, betas) if model.n_expression else model.mean[None]
+    verts = model.vertices(None, betas)
     colors = model.albedo()
     tiles = []
     with MeshRenderer(tile_size, tile_size) as renderer:
