@@ -8,7 +8,6 @@ packaged with facedetail (``facedetail/assets/eos-share.sha256``).
 
 from __future__ import annotations
 
-import shutil
 import urllib.request
 from importlib import resources
 from pathlib import Path
@@ -84,10 +83,9 @@ def fetch_share(dest: Path | str, mirror: Path | str | None = None, base_url: st
             source = Path(mirror) / name
             if not source.is_file():
                 raise SourceFileError(source, "missing from the asset mirror", _REMEDY)
-            verify_file(source, expected)
-            tmp = target.with_name(f".{name}.tmp-copy")
-            shutil.copyfile(source, tmp)
-            tmp.replace(target)
+            data = source.read_bytes()
+            if sha256_bytes(data) != expected:
+                verify_file(source, expected)  # raises with the mirror file's name and both hashes
         else:
             try:
                 data = _download(f"{base_url}/{name}")
@@ -96,7 +94,6 @@ def fetch_share(dest: Path | str, mirror: Path | str | None = None, base_url: st
             if sha256_bytes(data) != expected:
                 raise ChecksumError(target, f"downloaded file's SHA256 is not the expected {expected[:12]}…",
                                     _REMEDY)
-            atomic_write_bytes(target, data)
-        verify_file(target, expected)
+        atomic_write_bytes(target, data)  # the bytes hashed above are the bytes written
         out.append(target)
     return out

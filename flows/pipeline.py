@@ -67,8 +67,8 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
         state.result()
     except FacedetailError:
         return False
-    except Exception:
-        return True
+    except Exception:  # anything else may be transient
+        pass
     return True
 
 

@@ -170,6 +170,9 @@ class LineageRun:
             transport=FileTransport(FileConfig(log_file_path=str(self.events_file), append=True))
         )
         self._commit, self._dirty = git_state(self.root)
+        # Looked up once per run: every event and the record carry the same environment.
+        self._host, self._python = socket.gethostname(), sys.version.split()[0]
+        self._packages = package_versions()
 
     def _run_facets(self, error: BaseException | None = None) -> dict[str, RunFacet]:
         facets: dict[str, RunFacet] = {
@@ -178,8 +181,8 @@ class LineageRun:
                 producer=PRODUCER,
             ),
             "facedetail_environment": EnvironmentRunFacet(
-                host=socket.gethostname(), python=sys.version.split()[0], platform=platform.platform(),
-                packages=package_versions(), gitCommit=self._commit, gitDirty=self._dirty, producer=PRODUCER,
+                host=self._host, python=self._python, platform=platform.platform(),
+                packages=self._packages, gitCommit=self._commit, gitDirty=self._dirty, producer=PRODUCER,
             ),
         }
         if self.parent is not None:
@@ -263,9 +266,9 @@ class LineageRun:
             "seed": self.seed,
             "inputs": dict(sorted(self.input_hashes.items())),
             "outputs": dict(sorted(output_hashes.items())),
-            "packages": package_versions(),
-            "python": sys.version.split()[0],
-            "host": socket.gethostname(),
+            "packages": self._packages,
+            "python": self._python,
+            "host": self._host,
             "parent": None if self.parent is None else vars(self.parent),
             "events_file": _relname(self.events_file, self.root),
         }
