@@ -48,7 +48,8 @@ assets: setup
 
 demo: assets
 	dvc repro
-	@echo "outputs: data/face_model (model.npz, preview.png, manifest.parquet, lineage.json); metrics:"
+	@echo "outputs: data/face_model (model.npz, preview.png, ...), data/render_expressions (shards/*.tar,"
+	@echo "manifest.parquet, contact_sheet.png, lineage.json); metrics:"
 	@dvc metrics show
 
 test: assets
@@ -62,6 +63,7 @@ flow: assets
 
 bench: assets
 	$(PY) bench/face_model.py
+	$(PY) bench/render.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

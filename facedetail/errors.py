@@ -24,3 +24,11 @@ class SourceFileError(FacedetailError):
 
 class ChecksumError(SourceFileError):
     """A file's SHA256 does not match the published checksum."""
+
+
+class InterruptedRunError(RuntimeError):
+    """A run stopped part-way for a reason outside the input (a worker process died).
+
+    Work already finished is kept; running again resumes. Not a :class:`FacedetailError`, so
+    orchestrators retry it.
+    """

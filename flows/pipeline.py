@@ -73,13 +73,24 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 def manifest_table(out_dir: Path) -> list[dict[str, Any]]:
-    """Rows for the Prefect table artifact: one per manifest item."""
+    """Rows for the Prefect table artifact: one per loose file, one per shard for sharded items.
+
+    A 90K-image set becomes ~90 rows (items, bytes, first and last id per shard) instead of 90K.
+    """
     table = read_manifest(out_dir / MANIFEST_NAME)
-    return [
-        {"id": r["id"], "where": r["path"] or f"{r['shard']}:{r['key']}", "bytes": r["bytes"],
-         "sha256": r["sha256"][:16]}
-        for r in table.select(["id", "path", "shard", "key", "bytes", "sha256"]).to_pylist()
-    ]
+    rows: list[dict[str, Any]] = []
+    shards: dict[str, dict[str, Any]] = {}
+    for r in table.select(["id", "path", "shard", "bytes", "sha256"]).to_pylist():
+        if r["shard"] is None:
+            rows.append({"where": r["path"], "items": 1, "bytes": r["bytes"], "first": r["id"], "last": r["id"],
+                         "sha256": r["sha256"][:16]})
+            continue
+        entry = shards.setdefault(r["shard"], {"where": r["shard"], "items": 0, "bytes": 0, "first": r["id"],
+                                               "last": r["id"], "sha256": ""})
+        entry["items"] += 1
+        entry["bytes"] += r["bytes"]
+        entry["last"] = r["id"]
+    return rows + list(shards.values())
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_bad_input)
@@ -95,7 +106,8 @@ def run_stage(name: str, module: str, root: str) -> dict[str, Any]:
     rows = manifest_table(result.out_dir)
     create_table_artifact(
         key=f"{name.replace('_', '-')}-manifest", table=rows,
-        description=f"{name}: {len(rows)} items, {sum(r['bytes'] for r in rows)} bytes; {result.summary}",
+        description=f"{name}: {sum(r['items'] for r in rows)} items, {sum(r['bytes'] for r in rows)} bytes; "
+                    f"{result.summary}",
     )
     get_run_logger().info("%s wrote %s: %s", name, result.out_dir, result.summary)
     return {"stage": name, "outputs": result.outputs, "summary": result.summary}

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
-from facedetail.errors import FacedetailError
+from facedetail.config import Config
+from facedetail.errors import FacedetailError, InterruptedRunError
 from facedetail.io.atomic import atomic_write_text
 from facedetail.io.hashing import sha256_file
 from facedetail.io.lineage import LineageRun, ParentRef
@@ -21,10 +22,8 @@ PARAMS_FILE = "params.yaml"
 EVENTS_FILE = Path("data/lineage/events.jsonl")
 
 
-class StageParams(BaseModel):
+class StageParams(Config):
     """Base of every stage's params: unknown keys are errors, field docstrings are descriptions."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
 
 P = TypeVar("P", bound=StageParams)
@@ -69,13 +68,19 @@ def lineage_run(stage: str, params: BaseModel, inputs: list[Path], root: Path, s
                       events_file=root / EVENTS_FILE, root=root, seed=seed, parent=parent).start()
 
 
-def hash_outputs(tmp_dir: Path, final_dir: Path, root: Path) -> dict[str, str]:
-    """{repo-relative final path: sha256} of every file assembled in ``tmp_dir``."""
+def hash_outputs(tmp_dir: Path, final_dir: Path, root: Path, known: Mapping[str, str] | None = None) -> dict[str, str]:
+    """{repo-relative final path: sha256} of every file assembled in ``tmp_dir``.
+
+    ``known`` maps paths relative to ``tmp_dir`` to hashes already computed (large shards).
+    """
     rel = final_dir.resolve().relative_to(root.resolve())
-    return {
-        (rel / f.relative_to(tmp_dir)).as_posix(): sha256_file(f)
-        for f in sorted(tmp_dir.rglob("*")) if f.is_file()
-    }
+    known = known or {}
+    out = {}
+    for f in sorted(tmp_dir.rglob("*")):
+        if f.is_file():
+            inner = f.relative_to(tmp_dir).as_posix()
+            out[(rel / inner).as_posix()] = known[inner] if inner in known else sha256_file(f)
+    return out
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -105,6 +110,9 @@ def main(stage: Stage[Any], argv: list[str] | None = None) -> int:
     except (FacedetailError, FileNotFoundError) as err:
         print(f"error: {stage.name}: {err}", file=sys.stderr)
         return 2
+    except InterruptedRunError as err:
+        print(f"error: {stage.name}: {err}", file=sys.stderr)
+        return 1
     shown = result.out_dir.resolve().relative_to(args.root.resolve())
     print(f"{stage.name}: wrote {shown} ({json.dumps(result.summary, sort_keys=True)})")
     return 0

@@ -77,3 +77,35 @@ def make_repo(dest: Path, share: Path, *, dvc: bool = True) -> Path:
 def repo(tmp_path: Path, eos_share: Path) -> Path:
     """A throw-away git + DVC repository with the pipeline and the eos share files."""
     return make_repo(tmp_path / "repo", eos_share)
+
+
+@pytest.fixture(scope="session")
+def sfm_model(eos_share: Path):
+    """The Surrey Face Model with its blendshapes and synthetic albedo."""
+    from facedetail.model import load_model_source
+
+    return load_model_source("sfm", eos_share / "sfm_shape_3448.bin", eos_share)
+
+
+@pytest.fixture(scope="session")
+def model_npz(tmp_path_factory: pytest.TempPathFactory, sfm_model) -> Path:
+    """``sfm_model`` saved as the face_model stage writes it."""
+    return sfm_model.save(tmp_path_factory.mktemp("face_model") / "model.npz")
+
+
+TINY_RENDER = {"count": 8, "shard_size": 4, "image_size": 64, "workers": 1, "contact_sheet": 4}
+
+
+def set_params(repo: Path, section: str, **values: object) -> None:
+    """Update one section of ``repo/params.yaml``."""
+    import yaml
+
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    data[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def shrink_params(repo: Path) -> None:
+    """The smallest profile that still runs every stage: for end-to-end tests."""
+    set_params(repo, "face_model", preview_size=64)
+    set_params(repo, "render_expressions", **TINY_RENDER)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
-from conftest import sh
+from conftest import sh, shrink_params
 
 from facedetail.io.hashing import sha256_file
 
@@ -30,7 +31,7 @@ def test_dvc_repro_face_model(repo: Path, tmp_path: Path) -> None:
     assert (repo / "metrics/face_model.json").is_file()
     assert "face_model" in (repo / "data/.gitignore").read_text()
 
-    status = sh(["dvc", "status"], repo).stdout
+    status = sh(["dvc", "status", "face_model"], repo).stdout
     assert "up to date" in status
     again = sh(["dvc", "repro", "face_model"], repo).stdout
     assert "didn't change, skipping" in again
@@ -38,7 +39,7 @@ def test_dvc_repro_face_model(repo: Path, tmp_path: Path) -> None:
     model_hash = sha256_file(repo / "data/face_model/model.npz")
     preview_hash = sha256_file(repo / "data/face_model/preview.png")
     _set_param(repo, preview_size=80)
-    assert "face_model" in sh(["dvc", "status"], repo).stdout
+    assert "face_model" in sh(["dvc", "status", "face_model"], repo).stdout
     sh(["dvc", "repro", "face_model"], repo)
     assert sha256_file(repo / "data/face_model/model.npz") == model_hash
     assert sha256_file(repo / "data/face_model/preview.png") != preview_hash
@@ -46,13 +47,38 @@ def test_dvc_repro_face_model(repo: Path, tmp_path: Path) -> None:
     # the documented local remote: push fills it, and a fresh pull restores the outputs
     remote = tmp_path / "remote"
     sh(["dvc", "remote", "add", "-d", "local", str(remote)], repo)
-    sh(["dvc", "push"], repo)
+    sh(["dvc", "push", "face_model"], repo)
     assert any(p.is_file() for p in remote.rglob("*"))
     sh(["rm", "-rf", "data/face_model", ".dvc/cache"], repo)
-    sh(["dvc", "pull"], repo)
+    sh(["dvc", "pull", "face_model"], repo)
     assert sha256_file(repo / "data/face_model/model.npz") == model_hash
 
     # an auditor's one command: what produced this file?
     shown = sh(["facedetail", "lineage", "data/face_model/model.npz"], repo).stdout
     assert "stage 'face_model'" in shown
     assert "data/external/eos-share/sfm_shape_3448.bin" in shown
+
+
+def test_dvc_repro_render_expressions(repo: Path) -> None:
+    shrink_params(repo)
+    sh(["dvc", "repro"], repo)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["render_expressions"]
+    outs = {o["path"]: o for o in lock["outs"]}
+    # one directory out holding a few files (2 shards, manifest, contact sheet, lineage), not one per image
+    assert outs["data/render_expressions"]["nfiles"] == 5
+    assert {d["path"] for d in lock["deps"]} >= {"data/face_model/model.npz", "stages/render_expressions.py"}
+    assert "up to date" in sh(["dvc", "status"], repo).stdout
+
+    metrics = json.loads((repo / "metrics/render_expressions.json").read_text())
+    assert metrics["images"] == 8
+    shown = sh(["dvc", "metrics", "show", "--json"], repo).stdout
+    assert "label_counts" in shown
+
+    # the documented way to change the profile: an experiment with a different count
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "tiny run"], repo)
+    first_shard = sha256_file(repo / "data/render_expressions/shards/shard-00000.tar")
+    out = sh(["dvc", "exp", "run", "-S", "render_expressions.count=10"], repo).stdout
+    assert "Stage 'face_model' didn't change, skipping" in out
+    assert json.loads((repo / "metrics/render_expressions.json").read_text())["images"] == 10
+    assert sha256_file(repo / "data/render_expressions/shards/shard-00000.tar") == first_shard

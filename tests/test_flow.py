@@ -6,12 +6,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_repo, sh
+from conftest import make_repo, sh, shrink_params
 
 from facedetail.io.hashing import sha256_file
 from facedetail.io.lineage import iter_events
 
-DATA_FILES = ("model.npz", "manifest.parquet", "preview.png")
+DATA_FILES = ("face_model/model.npz", "face_model/manifest.parquet", "face_model/preview.png",
+              "render_expressions/manifest.parquet", "render_expressions/shards/shard-00000.tar",
+              "render_expressions/shards/shard-00001.tar", "render_expressions/contact_sheet.png")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,8 @@ def test_stage_order_follows_dvc_yaml() -> None:
     from flows.pipeline import stage_order
 
     root = Path(__file__).resolve().parents[1]
-    assert stage_order(root / "dvc.yaml")[0] == ("face_model", "stages.face_model")
+    assert stage_order(root / "dvc.yaml")[:2] == [("face_model", "stages.face_model"),
+                                                  ("render_expressions", "stages.render_expressions")]
 
 
 def test_stage_order_sorts_by_dependencies(tmp_path: Path) -> None:
@@ -46,19 +49,23 @@ def test_flow_matches_dvc_repro(prefect_harness, tmp_path: Path, eos_share: Path
     from flows.pipeline import pipeline
 
     dvc_repo = make_repo(tmp_path / "dvc", eos_share)
+    shrink_params(dvc_repo)
     sh(["dvc", "repro"], dvc_repo)
     flow_repo = make_repo(tmp_path / "flow", eos_share, dvc=False)
+    shrink_params(flow_repo)
 
     results = pipeline(root=str(flow_repo))
-    assert [r["stage"] for r in results] == ["face_model"]
+    assert [r["stage"] for r in results] == ["face_model", "render_expressions"]
     for name in DATA_FILES:
-        assert sha256_file(flow_repo / "data/face_model" / name) == sha256_file(dvc_repo / "data/face_model" / name)
+        assert sha256_file(flow_repo / "data" / name) == sha256_file(dvc_repo / "data" / name), name
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts()
     table = [a for a in artifacts if a.key == "face-model-manifest"]
     assert table, [a.key for a in artifacts]
     assert "model" in str(table[0].data)
+    shards = [a for a in artifacts if a.key == "render-expressions-manifest"]
+    assert shards and "shards/shard-00001.tar" in str(shards[0].data)
 
     events = list(iter_events(flow_repo / "data/lineage/events.jsonl"))
     complete = [e for e in events if e["eventType"] == "COMPLETE"]
@@ -90,6 +97,7 @@ def test_flow_does_not_retry_bad_source(prefect_harness, tmp_path: Path, eos_sha
 def test_flow_cli_on_ephemeral_server(tmp_path: Path, eos_share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No PREFECT_API_URL: the CLI starts Prefect's ephemeral server by itself."""
     repo = make_repo(tmp_path / "eph", eos_share, dvc=False)
+    shrink_params(repo)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     proc = sh(["python", "-m", "flows.pipeline", "--root", str(repo)], repo)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from facedetail.model.morphable import MorphableModel
+from facedetail.render.camera import MODEL_TO_CAMERA, Camera
 from facedetail.render.offscreen import MeshRenderer
+from facedetail.render.sh import directional_sh, shade
+from facedetail.render.sheet import label_grid
 
-_LABEL_HEIGHT = 22
+_MARGIN = 1.1
+_FRONT_LIGHT = directional_sh(np.array([0.3, -0.3, -0.9]), intensity=0.75, ambient=0.35)
+_DISTANCE_MM = 1000.0
 
 
 def preview_expressions(model: MorphableModel, max_expressions: int = 6,
@@ -29,21 +33,19 @@ def preview_expressions(model: MorphableModel, max_expressions: int = 6,
 
 def render_preview(model: MorphableModel, tile_size: int = 256, max_expressions: int = 6,
                    pca_sigma: float = 3.0, columns: int = 4) -> np.ndarray:
-    """RGB uint8 image: a grid of labelled renders (mean albedo, frontal orthographic camera)."""
+    """RGB uint8 image: a grid of labelled renders (mean albedo, frontal orthographic camera, white background)."""
     items = preview_expressions(model, max_expressions, pca_sigma)
-    betas = np.stack([b for _, b in items])
-    verts = model.vertices(None, betas)
-    colors = model.albedo()
+    verts = model.vertices(None, np.stack([b for _, b in items])).astype(np.float64)
+    lo, hi = model.mean.min(0), model.mean.max(0)
+    centre = (lo + hi) / 2.0
+    scale = tile_size / (float(max(hi[0] - lo[0], hi[1] - lo[1])) * _MARGIN)
+    camera = Camera(tile_size, tile_size, "orthographic", scale, _DISTANCE_MM - 500.0, _DISTANCE_MM + 500.0)
+    albedo = model.albedo()
     tiles = []
     with MeshRenderer(tile_size, tile_size) as renderer:
-        for (label, _), v in zip(items, verts, strict=True):
-            rgb, _ = renderer.render(v, model.triangles, colors)
-            tile = np.full((tile_size + _LABEL_HEIGHT, tile_size, 3), 255, np.uint8)
-            tile[_LABEL_HEIGHT:] = rgb
-            cv2.putText(tile, label, (6, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-            tiles.append(tile)
-    columns = min(columns, len(tiles))
-    rows = -(-len(tiles) // columns)
-    blank = np.full_like(tiles[0], 255)
-    tiles += [blank] * (rows * columns - len(tiles))
-    return np.vstack([np.hstack(tiles[r * columns:(r + 1) * columns]) for r in range(rows)])
+        for v in verts:
+            cam_v = (v - centre) @ MODEL_TO_CAMERA.T + np.array([0.0, 0.0, _DISTANCE_MM])
+            normals = model.vertex_normals(v).astype(np.float64) @ MODEL_TO_CAMERA.T
+            rgb, depth = renderer.render(cam_v, model.triangles, albedo * shade(normals, _FRONT_LIGHT), camera)
+            tiles.append(np.where(depth[..., None] > 0, rgb, np.uint8(255)))
+    return label_grid(tiles, [label for label, _ in items], columns)

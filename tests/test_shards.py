@@ -1,0 +1,101 @@
+"""WebDataset shards: deterministic bytes, resumable builds, dead workers."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from facedetail.errors import InterruptedRunError
+from facedetail.io.shards import (
+    ShardTask,
+    build_shards,
+    completed_record,
+    iter_tar_shard,
+    shard_tasks,
+    write_tar_shard,
+)
+
+
+def _samples(ids):
+    return [{"__key__": i, "txt": f"item {i}".encode(), "json": json.dumps({"id": i}).encode()} for i in ids]
+
+
+class EchoWorker:
+    """Writes one text and one json member per item; optionally dies on one shard."""
+
+    def __init__(self, die_on: str | None = None) -> None:
+        self.die_on = die_on
+
+    def __call__(self, task: ShardTask, tar_path: Path, progress) -> list[dict]:
+        if task.name == self.die_on:
+            os._exit(9)  # a worker killed mid-run (SIGKILL, OOM killer)
+        write_tar_shard(tar_path, _samples(task.item_ids))
+        progress(len(task.item_ids))
+        return [{"id": i} for i in task.item_ids]
+
+
+def test_tar_shard_is_deterministic_and_webdataset_readable(tmp_path: Path) -> None:
+    a = write_tar_shard(tmp_path / "a.tar", _samples(["x-1", "x-2"]))
+    b = write_tar_shard(tmp_path / "b.tar", _samples(["x-1", "x-2"]))
+    assert a.read_bytes() == b.read_bytes()
+    assert [s["__key__"] for s in iter_tar_shard(a)] == ["x-1", "x-2"]
+    import tarfile
+
+    with tarfile.open(a) as tar:
+        members = tar.getmembers()
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o644)}
+
+    import webdataset as wds
+
+    loaded = list(wds.WebDataset(str(a), shardshuffle=False))
+    assert [s["__key__"] for s in loaded] == ["x-1", "x-2"]
+    assert loaded[1]["txt"] == b"item x-2"
+
+
+def test_shard_tasks_keep_earlier_shards_when_the_list_grows() -> None:
+    small = shard_tasks([f"i{k}" for k in range(7)], 3)
+    large = shard_tasks([f"i{k}" for k in range(12)], 3)
+    assert [t.name for t in small] == ["shard-00000", "shard-00001", "shard-00002"]
+    assert small[:2] == large[:2]
+
+
+def test_build_reuses_complete_shards_and_rebuilds_the_rest(tmp_path: Path) -> None:
+    tasks = shard_tasks([f"i{k}" for k in range(10)], 4)
+    first = build_shards(tasks, tmp_path, "key-1", EchoWorker)
+    assert (first.built, first.reused) == (3, 0)
+
+    again = build_shards(tasks, tmp_path, "key-1", EchoWorker)
+    assert (again.built, again.reused) == (0, 3)
+    assert [r.sha256 for r in again.records] == [r.sha256 for r in first.records]
+
+    # a tampered shard, a shard whose record is missing (killed between tar and record), other inputs
+    (tmp_path / "shard-00001.tar").write_bytes(b"truncated")
+    (tmp_path / "shard-00002.done.json").unlink()
+    assert completed_record(tmp_path, tasks[1], "key-1") is None
+    assert completed_record(tmp_path, tasks[2], "key-1") is None
+    assert completed_record(tmp_path, tasks[0], "key-2") is None
+    repaired = build_shards(tasks, tmp_path, "key-1", EchoWorker)
+    assert (repaired.built, repaired.reused) == (2, 1)
+    assert [r.sha256 for r in repaired.records] == [r.sha256 for r in first.records]
+
+
+def test_parallel_build_equals_serial_build(tmp_path: Path) -> None:
+    tasks = shard_tasks([f"i{k}" for k in range(9)], 2)
+    serial = build_shards(tasks, tmp_path / "serial", "k", EchoWorker, workers=1)
+    parallel = build_shards(tasks, tmp_path / "parallel", "k", EchoWorker, workers=2)
+    assert [r.sha256 for r in parallel.records] == [r.sha256 for r in serial.records]
+    assert [r.rows for r in parallel.records] == [r.rows for r in serial.records]
+
+
+def test_dead_worker_stops_the_run_and_keeps_finished_shards(tmp_path: Path) -> None:
+    tasks = shard_tasks([f"i{k}" for k in range(12)], 2)
+    with pytest.raises(InterruptedRunError, match="run again to resume"):
+        build_shards(tasks, tmp_path, "k", partial(EchoWorker, die_on="shard-00003"), workers=2)
+    finished = [t for t in tasks if completed_record(tmp_path, t, "k") is not None]
+    assert "shard-00003" not in {t.name for t in finished}
+    resumed = build_shards(tasks, tmp_path, "k", EchoWorker, workers=2)
+    assert resumed.reused == len(finished) and resumed.built == len(tasks) - len(finished)
