@@ -420,11 +420,18 @@ def test_verify_manifest_detects_changed_and_missing_files(tmp_path):
     for name, data in [("a.bin", b"aaa"), ("b.bin", b"bbb"), ("c.bin", b"ccc")]:
         (tmp_path / name).write_bytes(data)
     rows = [file_row(tmp_path, n, item_id=n[0], params_hash="0" * 16) for n in ("a.bin", "b.bin", "c.bin")]
-    rows.append({"id": "d", "shard": "s.tar", "key": "d", "sha256": "e" * 64, "bytes": 1,
-                 "params_hash": "0" * 16})  # shard item: not a loose file, skipped
+    from facedetail.io.shards import write_tar_shard
+
+    write_tar_shard(tmp_path / "s.tar", [{"__key__": "d", "txt": b"ddd"}, {"__key__": "e", "txt": b"eee"}])
+    for item in ("d", "e"):  # items inside a shard: checked by member
+        rows.append({"id": item, "shard": "s.tar", "key": f"{item}.txt", "sha256": sha256_bytes(item.encode() * 3),
+                     "bytes": 3, "params_hash": "0" * 16})
     write_manifest(tmp_path / MANIFEST_NAME, rows)
 
     assert verify_manifest(tmp_path) == []
+    write_tar_shard(tmp_path / "s.tar", [{"__key__": "d", "txt": b"ddd"}, {"__key__": "e", "txt": b"eeE"}])
+    assert verify_manifest(tmp_path) == ["e"]
+    write_tar_shard(tmp_path / "s.tar", [{"__key__": "d", "txt": b"ddd"}, {"__key__": "e", "txt": b"eee"}])
 
     (tmp_path / "b.bin").write_bytes(b"bbB")  # same size, different content
     assert verify_manifest(tmp_path) == ["b"]

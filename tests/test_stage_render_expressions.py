@@ -59,7 +59,7 @@ def test_outputs_manifest_and_records(tmp_path: Path, model_npz: Path) -> None:
     import webdataset as wds
 
     samples = list(wds.WebDataset(str(out / "shards/shard-00001.tar"), shardshuffle=False))
-    assert [s["__key__"] for s in samples] == [r["key"] for r in manifest[4:]]
+    assert [s["__key__"] + ".png" for s in samples] == [r["key"] for r in manifest[4:]]
     for sample, row in zip(samples, manifest[4:], strict=True):
         assert set(sample) >= {"png", "mask.png", "json"}
         assert sha256_bytes(sample["png"]) == row["sha256"]
@@ -72,9 +72,27 @@ def test_outputs_manifest_and_records(tmp_path: Path, model_npz: Path) -> None:
     assert sum(metrics["label_counts"].values()) == 8
     assert metrics["label_counts"] == {k: [r["label"] for r in manifest].count(k) for k in metrics["label_counts"]}
     assert 0.5 < metrics["landmarks_visible_fraction"] <= 1.0
+    from facedetail.io.manifest import verify_manifest
+
+    assert verify_manifest(out) == []
     lineage = json.loads((out / "lineage.json").read_text())
     assert lineage["outputs"]["data/render_expressions/shards/shard-00000.tar"] == sha256_file(
         out / "shards/shard-00000.tar")
+
+
+def test_verify_finds_a_changed_image_inside_a_shard(tmp_path: Path, model_npz: Path) -> None:
+    from facedetail.io.manifest import verify_manifest
+    from facedetail.io.shards import write_tar_shard
+
+    root = _root(tmp_path, model_npz)
+    stage.run(_params(), root)
+    shard = root / OUT / "shards/shard-00000.tar"
+    samples = list(iter_tar_shard(shard))
+    samples[2]["png"] = samples[3]["png"]
+    write_tar_shard(shard, samples)
+    assert verify_manifest(root / OUT) == ["expr-0000002"]
+    shard.unlink()
+    assert verify_manifest(root / OUT) == [f"expr-{i:07d}" for i in range(4)]
 
 
 def test_same_params_same_bytes_whatever_the_worker_count(tmp_path: Path, model_npz: Path) -> None:

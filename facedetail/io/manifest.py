@@ -1,7 +1,9 @@
 """``manifest.parquet``: one row per item of a stage output.
 
 Fixed columns: ``id``, ``path`` (relative to the output folder, for loose files), ``shard``
-and ``key`` (for items inside a shard), ``sha256``, ``bytes``, ``seed`` (null when the item
+(tar path relative to the output folder) and ``key`` (the shard member that ``sha256`` and
+``bytes`` describe, e.g. ``expr-0000042.png``) for items inside a shard, ``sha256``,
+``bytes``, ``seed`` (null when the item
 involves no randomness) and ``params_hash``. Stages may add columns of their own. Rows are
 sorted by id and written without timestamps, so equal content gives equal bytes.
 """
@@ -9,6 +11,7 @@ sorted by id and written without timestamps, so equal content gives equal bytes.
 from __future__ import annotations
 
 import io
+import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facedetail.io.atomic import atomic_write_bytes
-from facedetail.io.hashing import sha256_file
+from facedetail.io.hashing import sha256_bytes, sha256_file
 
 MANIFEST_NAME = "manifest.parquet"
 
@@ -78,14 +81,29 @@ def read_manifest(path: Path | str) -> pa.Table:
 
 
 def verify_manifest(root: Path | str, manifest: pa.Table | None = None) -> list[str]:
-    """Re-hash every loose file listed in ``root/manifest.parquet``; returns ids that do not match."""
+    """Re-hash every item listed in ``root/manifest.parquet``; returns ids that do not match.
+
+    Loose files are hashed on disk; items in tar shards by the shard member named ``key``
+    (each shard is read once, front to back).
+    """
     root = Path(root)
     table = manifest if manifest is not None else read_manifest(root / MANIFEST_NAME)
     bad = []
-    for row in table.select(["id", "path", "sha256"]).to_pylist():
-        if row["path"] is None:
-            continue
-        full = root / row["path"]
-        if not full.is_file() or sha256_file(full) != row["sha256"]:
-            bad.append(row["id"])
-    return bad
+    by_shard: dict[str, dict[str, tuple[str, str]]] = {}
+    for row in table.select(["id", "path", "shard", "key", "sha256"]).to_pylist():
+        if row["path"] is not None:
+            full = root / row["path"]
+            if not full.is_file() or sha256_file(full) != row["sha256"]:
+                bad.append(row["id"])
+        elif row["shard"] is not None:
+            by_shard.setdefault(row["shard"], {})[row["key"]] = (row["id"], row["sha256"])
+    for shard, members in by_shard.items():
+        found = set()
+        if (root / shard).is_file():
+            with tarfile.open(root / shard, "r|") as tar:
+                for member in tar:
+                    expected = members.get(member.name)
+                    if expected and member.isfile() and sha256_bytes(tar.extractfile(member).read()) == expected[1]:
+                        found.add(member.name)
+        bad += [members[name][0] for name in members if name not in found]
+    return sorted(bad)

@@ -111,8 +111,8 @@ class ExpressionShardWorker:
             "json": canonical_json({"id": item, "seed": seed, "params_hash": spec.params_hash, **record}).encode(),
         }
         row = {
-            "id": item, "path": None, "key": item, "sha256": sha256_bytes(png), "bytes": len(png), "seed": seed,
-            "params_hash": spec.params_hash, "label": sample.label, "beta": sample.beta.tolist(),
+            "id": item, "path": None, "key": f"{item}.png", "sha256": sha256_bytes(png), "bytes": len(png),
+            "seed": seed, "params_hash": spec.params_hash, "label": sample.label, "beta": sample.beta.tolist(),
             "alpha": sample.alpha.tolist(), "albedo": sample.albedo.tolist(), "yaw": sample.yaw,
             "pitch": sample.pitch, "roll": sample.roll, "distance_mm": sample.distance_mm,
             "light_direction": sample.light_direction.tolist(), "light_intensity": sample.light_intensity,
