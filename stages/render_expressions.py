@@ -26,7 +26,7 @@ from facedetail.errors import SourceFileError
 from facedetail.io import MANIFEST_NAME, atomic_directory, write_manifest
 from facedetail.io.hashing import params_hash, sha256_file
 from facedetail.io.lineage import ParentRef
-from facedetail.io.shards import build_shards, iter_tar_shard, shard_tasks
+from facedetail.io.shards import build_shards, read_tar_samples, shard_tasks
 from facedetail.model.morphable import MorphableModel
 from facedetail.render.expression_set import (
     ExpressionSetSpec,
@@ -134,7 +134,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def _sheet(out_dir: Path, rows: list[dict[str, Any]], n: int) -> np.ndarray:
     wanted = set(contact_sheet_ids(len(rows), n))
     shards = sorted({r["shard"] for r in rows if r["id"] in wanted})
-    samples = [s for shard in shards for s in iter_tar_shard(out_dir / shard) if s["__key__"] in wanted]
+    samples = [s for shard in shards for s in read_tar_samples(out_dir / shard, wanted)]
     return contact_sheet(samples)
 
 

@@ -15,6 +15,7 @@ from facedetail.io.shards import (
     build_shards,
     completed_record,
     iter_tar_shard,
+    read_tar_samples,
     shard_tasks,
     write_tar_shard,
 )
@@ -43,6 +44,7 @@ def test_tar_shard_is_deterministic_and_webdataset_readable(tmp_path: Path) -> N
     b = write_tar_shard(tmp_path / "b.tar", _samples(["x-1", "x-2"]))
     assert a.read_bytes() == b.read_bytes()
     assert [s["__key__"] for s in iter_tar_shard(a)] == ["x-1", "x-2"]
+    assert read_tar_samples(a, ["x-2"]) == [_samples(["x-2"])[0]]
     import tarfile
 
     with tarfile.open(a) as tar:

@@ -66,6 +66,18 @@ def iter_tar_shard(path: Path | str) -> Iterator[dict[str, bytes]]:
         yield current
 
 
+def read_tar_samples(path: Path | str, keys: Iterable[str]) -> list[dict[str, bytes]]:
+    """Only the samples with these keys, in shard order; seeks past the others without reading them."""
+    wanted = set(keys)
+    samples: dict[str, dict[str, Any]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            if key in wanted and member.isfile():
+                samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    return list(samples.values())
+
+
 @dataclass(frozen=True)
 class ShardTask:
     """One shard to build: its name (file stem) and the ids of its items, in order."""
