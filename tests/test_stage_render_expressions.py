@@ -19,6 +19,7 @@ from conftest import TINY_RENDER, tool_env
 
 from facedetail.io.hashing import sha256_bytes, sha256_file
 from facedetail.io.shards import iter_tar_shard
+from facedetail.render.expression_set import decode_png
 from stages import render_expressions as stage
 
 OUT = Path("data/render_expressions")
@@ -67,6 +68,10 @@ def test_outputs_manifest_and_records(tmp_path: Path, model_npz: Path) -> None:
         assert record["beta"] == row["beta"] and record["label"] == row["label"]
         assert record["seed"] == row["seed"] and len(record["landmarks"]) == 68
         assert np.array(record["camera"]["P"]).shape == (3, 4)
+        mask = decode_png(sample["mask.png"], grey=True)
+        assert set(np.unique(mask)) <= {0, 255}
+        assert abs((mask > 0).mean() - record["mask_fraction"]) < 1e-6
+        assert decode_png(sample["png"]).shape == (64, 64, 3)
 
     metrics = json.loads((root / "metrics/render_expressions.json").read_text())
     assert sum(metrics["label_counts"].values()) == 8

@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import queue
 import tarfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,8 +152,6 @@ def build_shards(tasks: Sequence[ShardTask], work_dir: Path, key: str, worker_fa
     process calls it once (e.g. to open a GL context) and then builds shards with the result.
     A dead worker process raises :class:`InterruptedRunError`; finished shards stay reusable.
     """
-    import time
-
     start = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, ShardRecord] = {}
@@ -241,6 +240,7 @@ def _process_task(task: ShardTask, work_dir: Path) -> tuple[list[dict[str, Any]]
 def _build_parallel(todo: Sequence[ShardTask], work_dir: Path, key: str, factory: Callable[[], ShardWorker],
                     workers: int, bar: tqdm, done: dict[str, ShardRecord]) -> None:
     # spawn, not fork: a forked child would share the parent's OpenGL and BLAS state.
+    total = len(done) + len(todo)
     ctx = mp.get_context("spawn")
     progress_queue = ctx.Queue()
     pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_process,
@@ -258,7 +258,7 @@ def _build_parallel(todo: Sequence[ShardTask], work_dir: Path, key: str, factory
                 except cf.process.BrokenProcessPool as err:
                     raise InterruptedRunError(
                         f"a worker process died while building {task.name} ({err}); {len(done)} of "
-                        f"{len(done) + len(pending) + 1} shards are finished in {work_dir} and will be "
+                        f"{total} shards are finished in {work_dir} and will be "
                         "re-used: run again to resume") from None
         _drain(progress_queue, bar)
     finally:
