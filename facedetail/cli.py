@@ -1,4 +1,4 @@
-"""``facedetail`` command line: fetch assets, audit lineage, verify outputs."""
+"""``facedetail`` command line: fetch assets, audit lineage, verify outputs, look up a photo's expression prior."""
 
 from __future__ import annotations
 
@@ -98,6 +98,33 @@ def verify(folder: Annotated[Path, typer.Argument(help="a stage output folder wi
     if bad:
         _fail(f"{len(bad)} item(s) differ from the manifest: {', '.join(bad[:10])}")
     typer.echo(f"{folder}: every item matches its manifest sha256")
+
+
+@app.command()
+def prior(
+    photos: Annotated[list[Path], typer.Argument(help="image files (jpg, png, ...)")],
+    dictionary: Annotated[Path, typer.Option(help="a dictionary stage output folder")] = Path("data/dictionary"),
+) -> None:
+    """β_prior of each photo from the expression dictionary: one JSON line per photo.
+
+    A photo without a usable face gets ``"beta_prior": null`` and the reason; the exit code is 1
+    when any photo got no prior.
+    """
+    from facedetail.dictionary.prior import ExpressionDictionary
+
+    try:
+        lookup = ExpressionDictionary.load(dictionary)
+        results = lookup.prior(photos)
+    except FacedetailError as err:
+        _fail(str(err))
+    for path, result in zip(photos, results, strict=True):
+        line = {"photo": str(path), "beta_prior": None if result.beta is None else [round(float(b), 6) for b in
+                                                                                   result.beta],
+                "neighbour": result.neighbour_id, "label": result.label,
+                "distance": None if result.distance is None else round(result.distance, 6), "reason": result.reason}
+        typer.echo(json.dumps(line))
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

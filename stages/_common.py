@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -83,9 +85,27 @@ def hash_outputs(tmp_dir: Path, final_dir: Path, root: Path, known: Mapping[str,
     return out
 
 
+def worker_count(requested: int) -> int:
+    """Processes to use: ``requested``, or one per CPU core this process may run on when 0."""
+    return requested or len(os.sched_getaffinity(0))
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a finished shard into an output (no second copy of gigabytes); copy across devices."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Deterministic, human-readable JSON, written atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object written by :func:`write_json`."""
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def one_line(err: ValidationError) -> str:

@@ -11,7 +11,6 @@ each; a killed run resumes from there, and the finished set is swapped in as a w
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections import Counter
@@ -37,7 +36,17 @@ from facedetail.render.expression_set import (
     item_id,
 )
 from facedetail.render.sampling import SamplingConfig, expression_distribution, label_names
-from stages._common import Stage, StageParams, StageResult, hash_outputs, lineage_run, main, write_json
+from stages._common import (
+    Stage,
+    StageParams,
+    StageResult,
+    hash_outputs,
+    lineage_run,
+    link_or_copy,
+    main,
+    worker_count,
+    write_json,
+)
 
 NAME = "render_expressions"
 OUT_DIR = Path("data/render_expressions")
@@ -87,7 +96,7 @@ def run(params: RenderExpressionsParams, root: Path, parent: ParentRef | None = 
         tasks = shard_tasks([item_id(i) for i in range(params.count)], params.shard_size)
         work_dir = root / WORK_DIR
         report = build_shards(tasks, work_dir, item_hash, partial(ExpressionShardWorker, spec),
-                              workers=_workers(params.workers), desc=NAME, unit="img")
+                              workers=worker_count(params.workers), desc=NAME, unit="img")
         out_dir = root / OUT_DIR
         with atomic_directory(out_dir) as tmp:
             (tmp / SHARDS).mkdir()
@@ -95,7 +104,7 @@ def run(params: RenderExpressionsParams, root: Path, parent: ParentRef | None = 
             known = {}
             for record in report.records:
                 rel = f"{SHARDS}/{record.filename}"
-                _link_or_copy(work_dir / record.filename, tmp / rel)
+                link_or_copy(work_dir / record.filename, tmp / rel)
                 known[rel] = record.sha256
                 rows += [{**row, "shard": rel} for row in record.rows]
             write_manifest(tmp / MANIFEST_NAME, rows)
@@ -117,18 +126,6 @@ def run(params: RenderExpressionsParams, root: Path, parent: ParentRef | None = 
         "images_per_s": round(report.items_built / report.seconds, 1) if report.items_built else None,
     }
     return StageResult(NAME, out_dir, outputs, summary, lineage_record)
-
-
-def _workers(requested: int) -> int:
-    return requested or len(os.sched_getaffinity(0))
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a finished shard into the output (no second copy of gigabytes); copy across devices."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _sheet(out_dir: Path, rows: list[dict[str, Any]], n: int) -> np.ndarray:

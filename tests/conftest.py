@@ -94,6 +94,9 @@ def model_npz(tmp_path_factory: pytest.TempPathFactory, sfm_model) -> Path:
 
 
 TINY_RENDER = {"count": 8, "shard_size": 4, "image_size": 64, "workers": 1, "contact_sheet": 4}
+TINY_TRAIN = {"epochs": 2, "batch_size": 8, "lr": 0.001, "weight_decay": 0.0001, "hflip": True, "seed": 2019}
+# Renders large enough for dlib's HOG detector (its smallest face is about 80 px).
+TINY_FACES = {**TINY_RENDER, "count": 12, "shard_size": 6, "image_size": 192}
 
 
 def set_params(repo: Path, section: str, **values: object) -> None:
@@ -108,4 +111,7 @@ def set_params(repo: Path, section: str, **values: object) -> None:
 def shrink_params(repo: Path) -> None:
     """The smallest profile that still runs every stage: for end-to-end tests."""
     set_params(repo, "face_model", preview_size=64)
-    set_params(repo, "render_expressions", **TINY_RENDER)
+    set_params(repo, "render_expressions", **TINY_FACES)
+    set_params(repo, "render_faces", workers=1, holdout_fraction=0.25)
+    set_params(repo, "emotion_net", train={**TINY_TRAIN})
+

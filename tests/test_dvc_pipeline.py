@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import yaml
-from conftest import sh, shrink_params
+from conftest import TINY_FACES, sh, shrink_params
 
 from facedetail.io.hashing import sha256_file
 
@@ -70,9 +70,20 @@ def test_dvc_repro_render_expressions(repo: Path) -> None:
     assert "up to date" in sh(["dvc", "status"], repo).stdout
 
     metrics = json.loads((repo / "metrics/render_expressions.json").read_text())
-    assert metrics["images"] == 8
+    assert metrics["images"] == TINY_FACES["count"]
     shown = sh(["dvc", "metrics", "show", "--json"], repo).stdout
     assert "label_counts" in shown
+
+    # the dictionary half of the DAG: crops -> emotion network -> FAISS dictionary
+    lock_all = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert {"render_faces", "emotion_net", "dictionary"} <= set(lock_all)
+    dict_deps = {d["path"] for d in lock_all["dictionary"]["deps"]}
+    assert {"data/render_faces", "data/emotion_net/model.pt"} <= dict_deps
+    for name in ("render_faces", "emotion_net", "dictionary"):
+        assert name in shown, f"metrics of {name} are declared"
+    plots = sh(["dvc", "plots", "show", "--json"], repo).stdout
+    assert "metrics/emotion_net/confusion.csv" in plots
+    assert (repo / "data/dictionary/index.faiss").is_file()
 
     # the documented way to change the profile: an experiment with a different count
     sh(["git", "add", "-A"], repo)

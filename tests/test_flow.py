@@ -13,7 +13,10 @@ from facedetail.io.lineage import iter_events
 
 DATA_FILES = ("face_model/model.npz", "face_model/manifest.parquet", "face_model/preview.png",
               "render_expressions/manifest.parquet", "render_expressions/shards/shard-00000.tar",
-              "render_expressions/shards/shard-00001.tar", "render_expressions/contact_sheet.png")
+              "render_expressions/shards/shard-00001.tar", "render_expressions/contact_sheet.png",
+              "render_faces/manifest.parquet", "render_faces/quarantine.parquet", "render_faces/shards/shard-00000.tar",
+              "emotion_net/model.pt", "dictionary/index.faiss", "dictionary/entries.parquet",
+              "dictionary/dictionary.json")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,8 @@ def test_flow_matches_dvc_repro(prefect_harness, tmp_path: Path, eos_share: Path
     shrink_params(flow_repo)
 
     results = pipeline(root=str(flow_repo))
-    assert [r["stage"] for r in results] == ["face_model", "render_expressions"]
+    assert [r["stage"] for r in results] == ["face_model", "render_expressions", "render_faces", "emotion_net",
+                                             "dictionary"]
     for name in DATA_FILES:
         assert sha256_file(flow_repo / "data" / name) == sha256_file(dvc_repo / "data" / name), name
 

@@ -10,7 +10,6 @@ sorted by id and written without timestamps, so equal content gives equal bytes.
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from facedetail.io.atomic import atomic_write_bytes
 from facedetail.io.hashing import sha256_bytes, sha256_file
+from facedetail.io.tables import write_table
 
 MANIFEST_NAME = "manifest.parquet"
 
@@ -70,9 +69,7 @@ def write_manifest(path: Path | str, rows: Sequence[Mapping[str, Any]]) -> Path:
     base = pa.table({n: columns[n] for n in BASE_SCHEMA.names}, schema=BASE_SCHEMA)
     for name in extra_cols:
         base = base.append_column(name, pa.array(columns[name]))
-    buf = io.BytesIO()
-    pq.write_table(base, buf, compression="zstd", write_statistics=False, store_schema=True)
-    return atomic_write_bytes(path, buf.getvalue())
+    return write_table(path, base)
 
 
 def read_manifest(path: Path | str) -> pa.Table:

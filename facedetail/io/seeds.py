@@ -23,3 +23,8 @@ def derive_seed(global_seed: int, stage: str, item_id: str) -> int:
 def item_rng(global_seed: int, stage: str, item_id: str) -> np.random.Generator:
     """A NumPy generator seeded by :func:`derive_seed`; never touches global RNG state."""
     return np.random.default_rng(derive_seed(global_seed, stage, item_id))
+
+
+def in_holdout(global_seed: int, stage: str, item_id: str, fraction: float) -> bool:
+    """Whether an item belongs to the held-out split: a hash draw, stable as the set grows."""
+    return derive_seed(global_seed, stage, item_id) < fraction * (1 << 63)

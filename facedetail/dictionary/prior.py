@@ -1,0 +1,225 @@
+"""The expression dictionary: semantic feature of each render -> its β, and the β_prior lookup.
+
+A render's feature is ``[w_e · emotion ‖ w_a · appearance]`` (128 + 136 numbers). With
+``normalize: scale`` (default) each half is first divided by its mean L2 norm over the
+dictionary's entries, so that the weights trade halves of equal typical size; ``l2`` makes
+every half a unit vector (drops how strong an expression is), ``none`` uses the raw numbers.
+
+A dictionary folder is self-contained: the FAISS index, the entries (id, label, β, both
+feature halves), the emotion network and ``dictionary.json`` (feature config, scales, and the
+face framing: detector, crop and alignment reference), so a photo is queried through exactly
+the path the renders went through.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from facedetail.config import Config
+from facedetail.dictionary.index import FeatureIndex, IndexConfig
+from facedetail.errors import FacedetailError, SourceFileError
+from facedetail.features.align import APPEARANCE_DIM, appearance_features
+from facedetail.features.datasets import read_image
+from facedetail.features.faceset import FaceAligner, FaceFraming
+from facedetail.features.train import load_network, predict
+from facedetail.io.atomic import atomic_write_text
+from facedetail.io.tables import write_table
+
+EMOTION_DIM = 128
+INDEX_FILE = "index.faiss"
+ENTRIES_FILE = "entries.parquet"
+META_FILE = "dictionary.json"
+NETWORK_FILE = "emotion_net.pt"
+
+
+class FeatureConfig(Config):
+    """How the two halves of the semantic feature are scaled and weighted."""
+
+    emotion_weight: float = Field(1.0, ge=0.0)
+    """w_e: weight of the 128-D emotion feature."""
+    appearance_weight: float = Field(1.0, ge=0.0)
+    """w_a: weight of the 136-D landmark-geometry feature."""
+    normalize: Literal["scale", "l2", "none"] = "scale"
+    """scale: divide each half by its mean norm over the entries; l2: unit-norm halves; none: raw."""
+
+
+@dataclass(frozen=True)
+class FeatureMaker:
+    """Turns (emotion, appearance) halves into index vectors; the scales are fixed at build time."""
+
+    config: FeatureConfig
+    emotion_scale: float = 1.0
+    appearance_scale: float = 1.0
+
+    @classmethod
+    def fit(cls, config: FeatureConfig, emotion: np.ndarray, appearance: np.ndarray) -> FeatureMaker:
+        """Measure each half's mean norm on the entries (``scale`` mode)."""
+        if config.normalize != "scale":
+            return cls(config)
+        mean_norm = [float(np.linalg.norm(x, axis=1).mean()) or 1.0 for x in (emotion, appearance)]
+        return cls(config, *mean_norm)
+
+    def __call__(self, emotion: np.ndarray, appearance: np.ndarray) -> np.ndarray:
+        """(N, 264) float32 features."""
+        e = np.asarray(emotion, np.float64).reshape(-1, EMOTION_DIM)
+        a = np.asarray(appearance, np.float64).reshape(-1, APPEARANCE_DIM)
+        if self.config.normalize == "l2":
+            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        elif self.config.normalize == "scale":
+            e, a = e / self.emotion_scale, a / self.appearance_scale
+        return np.hstack([self.config.emotion_weight * e, self.config.appearance_weight * a]).astype(np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config.model_dump(mode="json"), "emotion_scale": self.emotion_scale,
+                "appearance_scale": self.appearance_scale}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FeatureMaker:
+        return cls(FeatureConfig(**data["config"]), float(data["emotion_scale"]), float(data["appearance_scale"]))
+
+
+@dataclass(frozen=True)
+class PriorBatch:
+    """β_prior of a batch of queries."""
+
+    beta: np.ndarray
+    """(N, n_expression) float32: the neighbour's β."""
+    neighbour_ids: list[str]
+    labels: list[str]
+    """The neighbour's dominant emotion."""
+    distances: np.ndarray
+    """(N,) distance to the neighbour in the index's metric."""
+
+
+@dataclass(frozen=True)
+class Prior:
+    """β_prior of one photo, or the reason there is none (``beta`` is None then)."""
+
+    beta: np.ndarray | None
+    neighbour_id: str | None = None
+    distance: float | None = None
+    label: str | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.beta is not None
+
+
+class ExpressionDictionary:
+    """Renders' semantic features with their β, searchable by a FAISS index."""
+
+    def __init__(self, ids: list[str], labels: list[str], beta: np.ndarray, emotion: np.ndarray,
+                 appearance: np.ndarray, maker: FeatureMaker, index: FeatureIndex, framing: FaceFraming | None,
+                 network_path: Path | None = None, meta: dict[str, Any] | None = None) -> None:
+        self.ids, self.labels, self.beta = ids, labels, np.asarray(beta, np.float32)
+        self.emotion, self.appearance = emotion, appearance
+        self.maker, self.index, self.framing = maker, index, framing
+        self.network_path = network_path
+        self.meta = meta or {}
+        self._net: Any = None
+        self._aligner: FaceAligner | None = None
+
+    @classmethod
+    def build(cls, ids: Sequence[str], labels: Sequence[str], beta: np.ndarray, emotion: np.ndarray,
+              appearance: np.ndarray, features: FeatureConfig, index: IndexConfig,
+              framing: FaceFraming | None = None, network_path: Path | None = None,
+              num_gpus: int | None = None) -> ExpressionDictionary:
+        """A dictionary over entries given in any order (they are stored sorted by id)."""
+        if len(ids) == 0:
+            raise FacedetailError("a dictionary needs at least one entry")
+        order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+        emotion, appearance = np.asarray(emotion, np.float32)[order], np.asarray(appearance, np.float32)[order]
+        maker = FeatureMaker.fit(features, emotion, appearance)
+        built = FeatureIndex.build(maker(emotion, appearance), index, num_gpus=num_gpus)
+        return cls([ids[i] for i in order], [labels[i] for i in order], np.asarray(beta, np.float32)[order],
+                   emotion, appearance, maker, built, framing, network_path)
+
+    def rebuilt(self, features: FeatureConfig, index: IndexConfig) -> ExpressionDictionary:
+        """The same entries under another feature or index config (for ablations and exact-search checks)."""
+        return ExpressionDictionary.build(self.ids, self.labels, self.beta, self.emotion, self.appearance, features,
+                                          index, self.framing, self.network_path)
+
+    def save(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the dictionary into an existing (temporary) folder."""
+        self.index.save(directory / INDEX_FILE)
+        write_table(directory / ENTRIES_FILE, pa.table({
+            "id": self.ids, "label": self.labels, "beta": self.beta.tolist(),
+            "emotion": self.emotion.tolist(), "appearance": self.appearance.tolist(),
+        }))
+        if self.network_path is not None:
+            shutil.copyfile(self.network_path, directory / NETWORK_FILE)
+        meta = {"features": self.maker.to_json(), "framing": self.framing.to_json() if self.framing else None,
+                "entries": len(self.ids), "beta_dim": int(self.beta.shape[1]), **(extra or {})}
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path, device: str = "auto") -> ExpressionDictionary:
+        """A dictionary written by :meth:`save` (e.g. ``data/dictionary``)."""
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise SourceFileError(meta_path, "expression dictionary not found", "Run `dvc repro dictionary` first")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        table = pq.read_table(directory / ENTRIES_FILE).to_pydict()
+        framing = FaceFraming.from_json(meta["framing"]) if meta.get("framing") else None
+        network = directory / NETWORK_FILE
+        return cls(table["id"], table["label"], np.array(table["beta"], np.float32),
+                   np.array(table["emotion"], np.float32), np.array(table["appearance"], np.float32),
+                   FeatureMaker.from_json(meta["features"]), FeatureIndex.load(directory / INDEX_FILE, device=device),
+                   framing, network if network.is_file() else None, meta)
+
+    def prior_features(self, emotion: np.ndarray, appearance: np.ndarray) -> PriorBatch:
+        """β_prior of each (emotion, appearance) pair: the β of its nearest entry."""
+        distances, ids = self.index.search(self.maker(emotion, appearance), k=1)
+        rows = ids[:, 0]
+        return PriorBatch(self.beta[rows], [self.ids[i] for i in rows], [self.labels[i] for i in rows],
+                          distances[:, 0].astype(np.float32))
+
+    def prior(self, images: Sequence[np.ndarray | Path | str]) -> list[Prior]:
+        """β_prior of each photo (RGB/grey uint8 array or file path); faces are found as for the renders.
+
+        A photo that cannot be read or has no usable face gets a :class:`Prior` with ``beta`` None and
+        the reason; the others are looked up in one batch.
+        """
+        aligner, net = self._query_tools()
+        results: list[Prior | None] = []
+        crops, landmarks, where = [], [], []
+        for i, image in enumerate(images):
+            try:
+                pixels = read_image(Path(image)) if isinstance(image, str | Path) else np.asarray(image)
+            except (ValueError, FileNotFoundError) as err:
+                results.append(Prior(None, reason=str(err)))
+                continue
+            face = aligner.align(pixels)
+            if isinstance(face, str):
+                results.append(Prior(None, reason=face))
+                continue
+            results.append(None)
+            crops.append(face.crop)
+            landmarks.append(face.landmarks)
+            where.append(i)
+        if where:
+            _, emotion = predict(net, np.stack(crops))
+            batch = self.prior_features(emotion, appearance_features(np.stack(landmarks), aligner.framing.reference))
+            for j, i in enumerate(where):
+                results[i] = Prior(batch.beta[j], batch.neighbour_ids[j], float(batch.distances[j]), batch.labels[j])
+        return [r for r in results if r is not None]
+
+    def _query_tools(self) -> tuple[FaceAligner, Any]:
+        if self.framing is None or self.network_path is None:
+            raise FacedetailError("this dictionary has no face framing or emotion network: query it with features")
+        if self._aligner is None:
+            self._aligner = FaceAligner(self.framing)
+            self._net, _ = load_network(self.network_path)
+        return self._aligner, self._net

@@ -1,0 +1,1 @@
+"""Face features: landmarks, aligned crops, emotion and appearance features."""
