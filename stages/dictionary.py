@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from facedetail.dictionary.index import FeatureIndex, IndexConfig, recall_at_1
 from facedetail.dictionary.prior import EMOTION_DIM, ExpressionDictionary, FeatureConfig
 from facedetail.errors import FacedetailError
 from facedetail.features.align import appearance_features
-from facedetail.features.datasets import load_render_faces
+from facedetail.features.datasets import read_render_crops, render_face_rows
 from facedetail.features.faceset import HOLDOUT, TRAIN
 from facedetail.features.train import load_network, predict
 from facedetail.io import MANIFEST_NAME, atomic_directory, write_manifest
@@ -65,12 +64,10 @@ def run(params: DictionaryParams, root: Path, parent: ParentRef | None = None) -
     net, net_meta = load_network(net_path)
     lineage = lineage_run(NAME, params, [faces_dir, net_path], root, parent=parent)
     try:
-        rows = pq.read_table(faces_dir / MANIFEST_NAME, columns=["id", "label", "beta", "split", "landmarks"])
-        rows = rows.to_pydict()
-        samples = load_render_faces(faces_dir)
-        position = {item: i for i, item in enumerate(samples.ids)}
-        order = [position[i] for i in rows["id"]]
-        _, emotion = predict(net, samples.crops[order])
+        listed = render_face_rows(faces_dir, ["label", "beta", "split", "landmarks"])
+        crops = read_render_crops(faces_dir, listed)
+        rows = {name: [r[name] for r in listed] for name in ("id", "label", "beta", "split", "landmarks")}
+        _, emotion = predict(net, np.stack([crops[i] for i in rows["id"]]))
         landmarks = np.array(rows["landmarks"], np.float64).reshape(-1, 68, 2)
         appearance = appearance_features(landmarks, framing.reference)
         beta = np.array(rows["beta"], np.float32)

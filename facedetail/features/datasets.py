@@ -14,6 +14,7 @@ alignment as the renders and the query photos.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -82,12 +83,16 @@ def _samples(crops: list[np.ndarray], labels: list[int], ids: list[str], split: 
     return EmotionSamples(stack, np.asarray(labels, np.int64), ids, np.asarray(split, dtype=object), quarantine)
 
 
-def load_render_faces(faces_dir: Path) -> EmotionSamples:
-    """The crops of the ``render_faces`` stage, labelled by each render's dominant emotion."""
+def render_face_rows(faces_dir: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of the ``render_faces`` manifest (``id`` and ``shard`` always included)."""
     manifest = faces_dir / MANIFEST_NAME
     if not manifest.is_file():
         raise SourceFileError(manifest, "render face crops not found", "Run `dvc repro render_faces` first")
-    rows = pq.read_table(manifest, columns=["id", "shard", "label", "split"]).to_pylist()
+    return pq.read_table(manifest, columns=sorted({"id", "shard", *columns})).to_pylist()
+
+
+def read_render_crops(faces_dir: Path, rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """{id: aligned crop} of these manifest rows, read shard by shard (other samples are skipped)."""
     by_shard: dict[str, list[str]] = {}
     for row in rows:
         by_shard.setdefault(row["shard"], []).append(row["id"])
@@ -95,6 +100,13 @@ def load_render_faces(faces_dir: Path) -> EmotionSamples:
     for shard, ids in by_shard.items():
         for sample in read_tar_samples(faces_dir / shard, ids):
             crops[sample["__key__"]] = decode_png(sample[CROP_EXT], grey=True)
+    return crops
+
+
+def load_render_faces(faces_dir: Path) -> EmotionSamples:
+    """The crops of the ``render_faces`` stage, labelled by each render's dominant emotion."""
+    rows = render_face_rows(faces_dir, ["label", "split"])
+    crops = read_render_crops(faces_dir, rows)
     out: tuple[list, list, list, list] = ([], [], [], [])
     quarantine = []
     for row in rows:
