@@ -95,7 +95,9 @@ def run(params: DictionaryParams, root: Path, parent: ParentRef | None = None) -
             write_json(tmp / "lineage.json", lineage_record)
         metrics = {"entries": len(train), "holdout_queries": len(held), "feature_dim": EMOTION_DIM + 136,
                    "index": {"metric": params.index.metric, "kind": params.index.kind,
-                             "device": dictionary.index.device, "device_note": dictionary.index.device_note},
+                             "device": dictionary.index.device, "device_note": dictionary.index.device_note,
+                             "search_method": dictionary.index.search_method,
+                             "search_note": dictionary.index.search_note},
                    "quality": quality, "astronaut": astronaut, "params_hash": key}
         write_json(root / METRICS, metrics)
         lineage.complete_hashed(outputs)

@@ -19,6 +19,7 @@ from facedetail.dictionary.index import (
     recall_at_1,
     select_device,
 )
+from facedetail.dictionary.screened_l1 import ScreenedL1, screen_backend
 from facedetail.errors import FacedetailError
 
 DIM = 264  # 128 emotion + 136 appearance values, the real feature size
@@ -69,7 +70,9 @@ def test_tiled_l1_merges_blocks_smaller_than_k(small, monkeypatch):
     # Blocks of 7 entries with k=10: every block returns fewer than k, and the merge must still be exact.
     entries, queries = small
     monkeypatch.setattr(index_mod, "_L1_ENTRY_BLOCK", 7)
-    d, i = FeatureIndex.build(entries, IndexConfig(device="cpu")).search(queries, k=10)
+    index = FeatureIndex.build(entries, IndexConfig(device="cpu", l1_kernel="faiss"))
+    assert index.search_method == "faiss L1, tiled"
+    d, i = index.search(queries, k=10)
     exact_d, exact_i = brute_force_search(entries, queries, "l1", k=10, batch=5)
     np.testing.assert_array_equal(i, exact_i)
     np.testing.assert_allclose(d, exact_d, rtol=1e-5)
@@ -82,8 +85,82 @@ def test_ties_go_to_the_lowest_id():
     for metric in ("l1", "l2"):
         _, ids = brute_force_search(entries, a[None], metric)
         assert ids[0, 0] == 1
-    _, ids = FeatureIndex.build(entries, IndexConfig(device="cpu")).search(a[None])
-    assert ids[0, 0] == 1
+    for kernel in ("screened", "faiss"):
+        _, ids = FeatureIndex.build(entries, IndexConfig(device="cpu", l1_kernel=kernel)).search(a[None], k=3)
+        assert ids[0].tolist() == [1, 3, 0]
+
+
+# --- the screened exact L1 kernel ---------------------------------------------------------------
+
+BACKENDS = [b for b in ("avx512", "avx2") if screen_backend() == "avx512" or b == screen_backend()]
+
+
+def test_this_machine_has_a_screen_backend():
+    # Every x86-64 CPU since 2013 has AVX2; without it the index falls back (tested below), but
+    # the kernel tests here would not run, and CI must not pass silently without them.
+    assert screen_backend() in ("avx512", "avx2"), "CPU without AVX2: the screened kernel cannot be tested here"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 10])
+def test_screened_l1_is_exact(data, backend, k):
+    entries, queries = data
+    exact_d, exact_i = brute_force_search(entries, queries, "l1", k=k)
+    screen = ScreenedL1(entries, backend=backend, threads=2)
+    d, i = screen.search(queries, k=k)
+    np.testing.assert_array_equal(i, exact_i)
+    np.testing.assert_allclose(d, exact_d, rtol=1e-5)
+    # The screen does its job: a few exact rescorings per query, not the whole database.
+    assert screen.queries_seen == len(queries)
+    assert k * len(queries) <= screen.scored < 0.05 * len(queries) * len(entries)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_screened_l1_odd_sizes_outliers_and_k_equal_n(backend):
+    rng = np.random.default_rng(5)
+    # 13 entries (not a multiple of the 8-row groups), dimension 70 (not a multiple of the SAD
+    # width), one coordinate 1000x the spread: clipped on the grid, so only the bound loosens.
+    entries = rng.standard_normal((13, 70)).astype(np.float32)
+    entries[4, 3] = 1000.0
+    queries = rng.standard_normal((9, 70)).astype(np.float32)
+    queries[2] = entries[4]
+    queries[5, 0] = -500.0
+    for k in (1, 13):
+        exact_d, exact_i = brute_force_search(entries, queries, "l1", k=k)
+        d, i = ScreenedL1(entries, backend=backend, threads=1).search(queries, k=k)
+        np.testing.assert_array_equal(i, exact_i)
+        np.testing.assert_allclose(d, exact_d, rtol=1e-5)
+    assert d[2, 0] == 0.0 and i[2, 0] == 4
+
+
+def test_screened_l1_constant_entries():
+    entries = np.ones((20, 8), dtype=np.float32)  # zero range: the grid step falls back to 1
+    d, i = ScreenedL1(entries, threads=1).search(np.full((2, 8), 3.0, dtype=np.float32), k=4)
+    assert i.tolist() == [[0, 1, 2, 3]] * 2 and np.all(d == 16.0)
+
+
+def test_screened_l1_threads_give_identical_results(data):
+    entries, queries = data
+    many = np.concatenate([queries] * 3)  # 1,500 queries: several thread-pool tasks
+    one = ScreenedL1(entries, threads=1).search(many, k=2)
+    two = ScreenedL1(entries, threads=2).search(many, k=2)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_index_uses_the_screen_and_reports_a_cpu_without_it(small, monkeypatch):
+    entries, queries = small
+    index = FeatureIndex.build(entries, IndexConfig(device="cpu"))
+    assert index.search_method == f"screened L1 ({screen_backend()} SAD)" and index.search_note is None
+    screened = index.search(queries, k=3)
+    assert FeatureIndex.build(entries, IndexConfig(metric="l2", device="cpu")).search_method == "faiss flat l2 on cpu"
+    monkeypatch.setattr(index_mod, "screen_backend", lambda: None)
+    fallback = FeatureIndex.build(entries, IndexConfig(device="cpu"))
+    assert fallback.search_method == "faiss L1, tiled"
+    assert "lacks" in fallback.search_note
+    tiled = fallback.search(queries, k=3)
+    np.testing.assert_array_equal(screened[1], tiled[1])
+    np.testing.assert_allclose(screened[0], tiled[0], rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
@@ -240,8 +317,10 @@ def test_supported_combination_moves_to_gpu(small, fake_gpu, kind, metric):
     assert (index.device, len(fake_gpu)) == ("gpu", 1)
     assert index.device_note == "device auto: faiss sees a GPU"
     cpu = FeatureIndex.build(entries, IndexConfig(kind=kind, metric=metric, device="cpu"))
-    for got, want in zip(index.search(queries), cpu.search(queries), strict=True):
-        np.testing.assert_array_equal(got, want)
+    (gpu_d, gpu_i), (cpu_d, cpu_i) = index.search(queries), cpu.search(queries)
+    np.testing.assert_array_equal(gpu_i, cpu_i)
+    # Same neighbours; distances agree to float32 summation order (the CPU's exact L1 sums in float64).
+    np.testing.assert_allclose(gpu_d, cpu_d, rtol=1e-6)
 
 
 @pytest.mark.parametrize(("kind", "metric", "why"), [("ivf", "l1", "GPU IVF supports only L2"), ("hnsw", "l1", "HNSW")])

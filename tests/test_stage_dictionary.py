@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY_FACES, TINY_TRAIN, tool_env
 
 from facedetail.dictionary.prior import ExpressionDictionary
+from facedetail.dictionary.screened_l1 import screen_backend
 from facedetail.features.emotion import FER_CLASSES
 from facedetail.features.faceset import CROP_EXT
 from facedetail.io.hashing import sha256_file
@@ -108,7 +109,8 @@ def test_dictionary_metrics_compare_baselines(built: Path) -> None:
                         "oracle_nearest_beta"}
     assert mae["oracle_nearest_beta"] <= min(mae["dictionary"], mae["random_entry"])
     assert metrics["index"] == {"metric": "l1", "kind": "flat", "device": "cpu",
-                                "device_note": metrics["index"]["device_note"]}
+                                "device_note": metrics["index"]["device_note"],
+                                "search_method": f"screened L1 ({screen_backend()} SAD)", "search_note": None}
     assert metrics["astronaut"]["neighbour_label"] is not None
 
 
