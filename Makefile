@@ -50,7 +50,9 @@ assets: setup
 demo: assets
 	dvc repro
 	@echo "outputs: data/face_model (model.npz, preview.png), data/render_expressions (shards, contact_sheet.png),"
-	@echo "data/render_faces (landmarks, crops), data/emotion_net (model.pt), data/dictionary (index.faiss, ...);"
+	@echo "data/render_faces (landmarks, crops), data/emotion_net (model.pt), data/dictionary (index.faiss, ...),"
+	@echo "data/wild_synth (synthetic wild photos, truth.parquet), data/wild_proxy (proxies.parquet, UV textures,"
+	@echo "quarantine.parquet, contact_sheet.png);"
 	@echo "try: .venv/bin/facedetail prior <photo>; metrics:"
 	@dvc metrics show
 
@@ -67,6 +69,7 @@ bench: assets
 	$(PY) bench/face_model.py
 	$(PY) bench/render.py
 	$(PY) bench/dictionary.py
+	$(PY) bench/proxy.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

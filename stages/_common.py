@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -19,6 +19,7 @@ from facedetail.errors import FacedetailError, InterruptedRunError
 from facedetail.io.atomic import atomic_write_text
 from facedetail.io.hashing import sha256_file
 from facedetail.io.lineage import LineageRun, ParentRef
+from facedetail.io.shards import ShardRecord
 
 PARAMS_FILE = "params.yaml"
 EVENTS_FILE = Path("data/lineage/events.jsonl")
@@ -96,6 +97,18 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def link_shards(records: Sequence[ShardRecord], work_dir: Path, out_dir: Path,
+                subdir: str = "shards") -> dict[str, str]:
+    """Link finished shards from ``work_dir`` into ``out_dir/subdir``; {relative path: sha256} for hash_outputs."""
+    (out_dir / subdir).mkdir(exist_ok=True)
+    known = {}
+    for record in records:
+        rel = f"{subdir}/{record.filename}"
+        link_or_copy(work_dir / record.filename, out_dir / rel)
+        known[rel] = record.sha256
+    return known
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

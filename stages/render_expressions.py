@@ -42,7 +42,7 @@ from stages._common import (
     StageResult,
     hash_outputs,
     lineage_run,
-    link_or_copy,
+    link_shards,
     main,
     worker_count,
     write_json,
@@ -99,14 +99,8 @@ def run(params: RenderExpressionsParams, root: Path, parent: ParentRef | None = 
                               workers=worker_count(params.workers), desc=NAME, unit="img")
         out_dir = root / OUT_DIR
         with atomic_directory(out_dir) as tmp:
-            (tmp / SHARDS).mkdir()
-            rows: list[dict[str, Any]] = []
-            known = {}
-            for record in report.records:
-                rel = f"{SHARDS}/{record.filename}"
-                link_or_copy(work_dir / record.filename, tmp / rel)
-                known[rel] = record.sha256
-                rows += [{**row, "shard": rel} for row in record.rows]
+            known = link_shards(report.records, work_dir, tmp, SHARDS)
+            rows = [{**row, "shard": f"{SHARDS}/{record.filename}"} for record in report.records for row in record.rows]
             write_manifest(tmp / MANIFEST_NAME, rows)
             (tmp / CONTACT_SHEET).write_bytes(encode_png(_sheet(tmp, rows, params.contact_sheet), 6))
             outputs = hash_outputs(tmp, out_dir, root, known)

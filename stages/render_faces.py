@@ -40,7 +40,7 @@ from stages._common import (
     StageResult,
     hash_outputs,
     lineage_run,
-    link_or_copy,
+    link_shards,
     main,
     worker_count,
     write_json,
@@ -104,14 +104,8 @@ def run(params: RenderFacesParams, root: Path, parent: ParentRef | None = None) 
             raise SourceFileError(renders, "no face was found in any render",
                                   "Look at quarantine reasons: `python -m stages.render_faces` prints them")
         with atomic_directory(out_dir) as tmp:
-            (tmp / SHARDS).mkdir()
-            known = {}
-            shard_of = {}
-            for record in report.records:
-                rel = f"{SHARDS}/{record.filename}"
-                link_or_copy(work_dir / record.filename, tmp / rel)
-                known[rel] = record.sha256
-                shard_of.update({r["id"]: rel for r in record.rows})
+            known = link_shards(report.records, work_dir, tmp, SHARDS)
+            shard_of = {r["id"]: f"{SHARDS}/{record.filename}" for record in report.records for r in record.rows}
             write_manifest(tmp / MANIFEST_NAME, [{**r, "shard": shard_of[r["id"]]} for r in good])
             write_quarantine(tmp / QUARANTINE, bad)
             write_json(tmp / FRAMING, FaceFraming(params.detector, params.crop,

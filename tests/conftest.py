@@ -97,6 +97,8 @@ TINY_RENDER = {"count": 8, "shard_size": 4, "image_size": 64, "workers": 1, "con
 TINY_TRAIN = {"epochs": 2, "batch_size": 8, "lr": 0.001, "weight_decay": 0.0001, "hflip": True, "seed": 2019}
 # Renders large enough for dlib's HOG detector (its smallest face is about 80 px).
 TINY_FACES = {**TINY_RENDER, "count": 12, "shard_size": 6, "image_size": 192}
+# wild_proxy on the tiny wild set: one process, small textures, a short eos comparison.
+TINY_PROXY = {"workers": 1, "shard_size": 4, "eos_compare_max": 3, "sheet_faces": 4, "texture": {"resolution": 64}}
 
 
 def set_params(repo: Path, section: str, **values: object) -> None:
@@ -114,4 +116,6 @@ def shrink_params(repo: Path) -> None:
     set_params(repo, "render_expressions", **TINY_FACES)
     set_params(repo, "render_faces", workers=1, holdout_fraction=0.25)
     set_params(repo, "emotion_net", train={**TINY_TRAIN})
+    set_params(repo, "wild_synth", count=6, image_size=192, size_jitter=0.1, bad_examples=False, contact_sheet=6)
+    set_params(repo, "wild_proxy", **TINY_PROXY)
 

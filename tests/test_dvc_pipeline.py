@@ -85,6 +85,13 @@ def test_dvc_repro_render_expressions(repo: Path) -> None:
     assert "metrics/emotion_net/confusion.csv" in plots
     assert (repo / "data/dictionary/index.faiss").is_file()
 
+    # the wild half: synthetic wild photos -> proxies and UV textures, with the dictionary's β_prior
+    assert {"wild_synth", "wild_proxy"} <= set(lock_all)
+    proxy_deps = {d["path"] for d in lock_all["wild_proxy"]["deps"]}
+    assert {"data/wild_synth/images", "data/dictionary", "data/face_model/model.npz"} <= proxy_deps
+    assert "wild_proxy" in shown and "expected_outcomes" in shown
+    assert (repo / "data/wild_proxy/proxies.parquet").is_file()
+
     # the documented way to change the profile: an experiment with a different count
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "tiny run"], repo)

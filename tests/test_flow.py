@@ -16,7 +16,9 @@ DATA_FILES = ("face_model/model.npz", "face_model/manifest.parquet", "face_model
               "render_expressions/shards/shard-00001.tar", "render_expressions/contact_sheet.png",
               "render_faces/manifest.parquet", "render_faces/quarantine.parquet", "render_faces/shards/shard-00000.tar",
               "emotion_net/model.pt", "dictionary/index.faiss", "dictionary/entries.parquet",
-              "dictionary/dictionary.json")
+              "dictionary/dictionary.json", "wild_synth/truth.parquet", "wild_synth/images/wild-00000.jpg",
+              "wild_proxy/proxies.parquet", "wild_proxy/quarantine.parquet", "wild_proxy/shards/shard-00000.tar",
+              "wild_proxy/contact_sheet.png")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_flow_matches_dvc_repro(prefect_harness, tmp_path: Path, eos_share: Path
 
     results = pipeline(root=str(flow_repo))
     assert [r["stage"] for r in results] == ["face_model", "render_expressions", "render_faces", "emotion_net",
-                                             "dictionary"]
+                                             "dictionary", "wild_synth", "wild_proxy"]
     for name in DATA_FILES:
         assert sha256_file(flow_repo / "data" / name) == sha256_file(dvc_repo / "data" / name), name
 

@@ -28,7 +28,7 @@ from pydantic import Field
 from facedetail.config import Config
 from facedetail.dictionary.index import FeatureIndex, IndexConfig
 from facedetail.errors import FacedetailError, SourceFileError
-from facedetail.features.align import APPEARANCE_DIM, appearance_features
+from facedetail.features.align import APPEARANCE_DIM, aligned_crop, appearance_features
 from facedetail.features.datasets import read_image
 from facedetail.features.faceset import FaceAligner, FaceFraming
 from facedetail.features.train import load_network, predict
@@ -192,7 +192,7 @@ class ExpressionDictionary:
         A photo that cannot be read or has no usable face gets a :class:`Prior` with ``beta`` None and
         the reason; the others are looked up in one batch.
         """
-        aligner, net = self._query_tools()
+        aligner, _ = self._query_tools()
         results: list[Prior | None] = []
         crops, landmarks, where = [], [], []
         for i, image in enumerate(images):
@@ -210,11 +210,30 @@ class ExpressionDictionary:
             landmarks.append(face.landmarks)
             where.append(i)
         if where:
-            _, emotion = predict(net, np.stack(crops))
-            batch = self.prior_features(emotion, appearance_features(np.stack(landmarks), aligner.framing.reference))
+            batch = self._lookup(aligner, np.stack(crops), np.stack(landmarks))
             for j, i in enumerate(where):
                 results[i] = Prior(batch.beta[j], batch.neighbour_ids[j], float(batch.distances[j]), batch.labels[j])
         return [r for r in results if r is not None]
+
+    def prior_for_faces(self, images: Sequence[np.ndarray], landmarks: np.ndarray) -> PriorBatch:
+        """β_prior of faces whose 68 landmarks (B, 68, 2) are already known (no second detection).
+
+        The crops go through the same alignment as the renders' (``framing.json``).
+        """
+        aligner, _ = self._query_tools()
+        landmarks = np.asarray(landmarks, dtype=np.float64)
+        if len(images) != len(landmarks):
+            raise FacedetailError(f"{len(images)} images but {len(landmarks)} landmark sets")
+        if not len(images):
+            return PriorBatch(np.zeros((0, self.beta.shape[1]), self.beta.dtype), [], [], np.zeros(0, np.float32))
+        crops = np.stack([aligned_crop(img, lm, aligner.framing.reference, aligner.framing.crop)
+                          for img, lm in zip(images, landmarks, strict=True)])
+        return self._lookup(aligner, crops, landmarks)
+
+    def _lookup(self, aligner: FaceAligner, crops: np.ndarray, landmarks: np.ndarray) -> PriorBatch:
+        _, net = self._query_tools()
+        _, emotion = predict(net, crops)
+        return self.prior_features(emotion, appearance_features(landmarks, aligner.framing.reference))
 
     def _query_tools(self) -> tuple[FaceAligner, Any]:
         if self.framing is None or self.network_path is None:

@@ -1,0 +1,197 @@
+"""Benchmark: the batched proxy fitter against eos-py's per-image fitter, and wild_proxy end to end.
+
+    python bench/proxy.py [--faces 2000] [--eos-faces 200] [--photos data/wild_synth/images] [--repeat 4]
+                          [--model data/face_model/model.npz] [--share ../shared/assets/eos-share]
+
+1. Fitting only: the same landmarks (exact 2-D landmarks of random Surrey-model faces, random
+   pose up to ±40° yaw, plus 1 px noise) go to our ``ProxyFitter`` (batches of 256, β fixed as
+   in the paper's default, 10 iterations; and β free, 5 iterations) and to eos-py's
+   ``fit_shape_and_pose`` (5 iterations, its default), one image at a time. Prints fits/s of
+   each, the ratio (target >= 10x) and both mean landmark errors.
+2. End to end: the wild_proxy shard worker over a folder of photos (decode, detect, landmarks,
+   β_prior lookup, fit, UV unwrap, PNG encode), in 1 and in 2 processes; prints photos/s and the
+   projected time for the paper's 163K photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from facedetail.features.landmarks import DetectorConfig
+from facedetail.io.shards import ShardTask, build_shards, shard_tasks
+from facedetail.model.morphable import MorphableModel
+from facedetail.proxy.eos_reference import EosFitter
+from facedetail.proxy.fit import LEFT_CONTOUR, RIGHT_CONTOUR, Cameras, FitConfig, ProxyFitter
+from facedetail.proxy.inputs import InputItem, LoadConfig, LoadedPhoto, list_inputs, load_photo
+from facedetail.proxy.pipeline import ProxyShardWorker, ProxySpec
+from facedetail.proxy.texture import TextureConfig, unwrap
+from facedetail.render.camera import euler_rotation
+from facedetail.render.expression_set import encode_png
+
+PAPER_PHOTOS = 163_000
+
+
+def synthetic_landmarks(model: MorphableModel, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 68, 2) landmarks in 256 px images (y down) of random faces, and their β."""
+    rng = np.random.default_rng(seed)
+    alpha = np.clip(rng.standard_normal((n, model.n_shape)), -2.5, 2.5)
+    beta = np.abs(rng.standard_normal((n, model.n_expression))) * 0.4
+    rot = np.stack([euler_rotation(y, p, r) for y, p, r in
+                    zip(rng.uniform(-40, 40, n), rng.uniform(-15, 15, n), rng.uniform(-10, 10, n), strict=True)])
+    cams = Cameras(rng.uniform(0.9, 1.3, n), rot, np.c_[rng.uniform(110, 146, n), -rng.uniform(110, 146, n)])
+    verts = model.vertices(alpha, beta).astype(np.float64)
+    ids = np.where(model.landmark_defined, model.landmark_vertices, 0)
+    for side, cand in ((RIGHT_CONTOUR, model.contour_right), (LEFT_CONTOUR, model.contour_left)):
+        ids[side] = cand[np.linspace(0, len(cand) - 1, len(side)).astype(int)]
+    xy = cams.project(verts[:, ids])
+    xy[..., 1] *= -1
+    return xy + rng.normal(0, 1.0, xy.shape), beta
+
+
+def fixed_landmark_error(model: MorphableModel, verts: np.ndarray, project, landmarks: np.ndarray) -> float:
+    ids = model.landmark_vertices[model.landmark_defined]
+    return float(np.linalg.norm(project(verts[:, ids]) - landmarks[:, model.landmark_defined], axis=2).mean())
+
+
+def bench_fit(model: MorphableModel, share: Path, faces: int, eos_faces: int) -> None:
+    # One core each: the batched fitter's matrices are small (63 x 63), so BLAS threads only add
+    # contention (measured 47 fits/s with 2 OpenBLAS threads on a busy machine, 549 with 1); eos is
+    # single-threaded too. The stage gets its parallelism from processes.
+    with threadpool_limits(1):
+        _bench_fit(model, share, faces, eos_faces)
+
+
+def _bench_fit(model: MorphableModel, share: Path, faces: int, eos_faces: int) -> None:
+    landmarks, beta = synthetic_landmarks(model, faces, 0)
+    sizes = np.full((faces, 2), 256.0)
+    print(f"== fitting only, one core: {faces} faces (ours), {eos_faces} (eos-py), landmarks with 1 px noise, 256 px")
+    results = {}
+    for mode in ("prior", "free"):
+        fitter = ProxyFitter(model, FitConfig(expression=mode))
+        fitter.fit(landmarks[:8], sizes[:8], beta[:8])  # warm-up (BLAS, caches)
+        t0 = time.perf_counter()
+        out = [fitter.fit(landmarks[i:i + 256], sizes[i:i + 256], beta[i:i + 256]) for i in range(0, faces, 256)]
+        dt = time.perf_counter() - t0
+        alpha = np.concatenate([r.alpha for r in out])
+        fitted_beta = np.concatenate([r.beta for r in out])
+        scale = np.concatenate([r.cameras.scale for r in out])
+        rot = np.concatenate([r.cameras.rotation for r in out])
+        trans = np.concatenate([r.cameras.translation for r in out])
+        verts = model.vertices(alpha, fitted_beta).astype(np.float64)
+
+        def project(p, scale=scale, rot=rot, trans=trans):
+            xy = scale[:, None, None] * np.einsum("bij,bnj->bni", rot[:, :2], p) + trans[:, None]
+            return xy * [1, -1]
+
+        results[mode] = (faces / dt, fixed_landmark_error(model, verts, project, landmarks))
+    eos = EosFitter(share)
+    eos.fit(landmarks[0], 256, 256)
+    t0 = time.perf_counter()
+    fits = [eos.fit(landmarks[i], 256, 256) for i in range(eos_faces)]
+    eos_dt = time.perf_counter() - t0
+    ids = model.landmark_vertices[model.landmark_defined]
+    eos_err = float(np.mean([np.linalg.norm(f.projected[ids] - landmarks[i, model.landmark_defined], axis=1).mean()
+                             for i, f in enumerate(fits)]))
+    eos_rate = eos_faces / eos_dt
+    print(f"  {'fitter':<44} {'fits/s':>9} {'vs eos':>7} {'landmark err px':>16}")
+    print(f"  {'eos-py fit_shape_and_pose (5 it, per image)':<44} {eos_rate:9.1f} {1.0:6.1f}x {eos_err:16.3f}")
+    labels = {"prior": "ours, β = prior, 10 it, batches of 256", "free": "ours, β free, 5 it, batches of 256"}
+    for mode, label in labels.items():
+        rate, err = results[mode]
+        print(f"  {label:<44} {rate:9.1f} {rate / eos_rate:6.1f}x {err:16.3f}")
+    print("  (landmark error: mean over the 50 landmarks with fixed vertices; the β-prior run is given the true β)")
+
+
+def bench_end_to_end(model_path: Path, dictionary: Path, photos: Path, repeat: int) -> None:
+    base = list_inputs(photos)
+    if not base:
+        raise SystemExit(f"no photos in {photos}")
+    # The same photos several times under new ids: enough work to see steady throughput.
+    items = [InputItem(f"{i.id}-r{r}", i.path, i.relative, i.box, i.label) for r in range(repeat) for i in base]
+    spec = ProxySpec({i.id: i for i in items}, model_path, dictionary, LoadConfig(), DetectorConfig(), FitConfig(),
+                     TextureConfig(), "bench")
+    print(f"== end to end: {len(base)} photos x {repeat} from {photos} (decode, detect, landmarks, β_prior, fit, "
+          f"512² UV unwrap, PNG)")
+    with threadpool_limits(1), tempfile.TemporaryDirectory() as tmp:
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        worker = ProxyShardWorker(spec)
+        init_s = time.perf_counter() - t0
+        steps = _step_times(worker, base)
+        t0 = time.perf_counter()
+        worker(ShardTask("all", tuple(i.id for i in items)), Path(tmp) / "all.tar", lambda n: None)
+        steady = len(items) / (time.perf_counter() - t0)
+    print(f"  one process, one thread: start-up (model, detector, dictionary, emotion network, UV raster) "
+          f"{init_s:.1f} s, then {steady:.2f} photos/s")
+    print("  per usable photo: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in steps.items()))
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            tasks = shard_tasks([i.id for i in items], 64)
+            report = build_shards(tasks, Path(tmp), f"bench-{workers}", partial(ProxyShardWorker, spec),
+                                  workers=workers, desc=f"{workers} process(es)")
+            rate = len(items) / report.seconds
+            print(f"  {workers} process(es), shards of 64: {rate:6.2f} photos/s (start-up included); "
+                  f"{PAPER_PHOTOS} photos: {PAPER_PHOTOS / rate / 3600:.1f} h")
+
+
+def _step_times(worker: ProxyShardWorker, items: list[InputItem]) -> dict[str, float]:
+    """Mean seconds per photo with a face, step by step, over ``items`` (after one warm-up pass)."""
+    spec = worker.spec
+    faces = []
+    for item in items:
+        photo = load_photo(item.path, spec.load)
+        if isinstance(photo, LoadedPhoto):
+            found = worker.detector.detect(photo.rgb)
+            if found.face is not None:
+                faces.append((item, found.face.landmarks))
+    worker.dictionary.prior_for_faces([load_photo(faces[0][0].path, spec.load).rgb], faces[0][1][None])
+    times = dict.fromkeys(("decode", "detect", "β_prior", "fit", "unwrap", "png"), 0.0)
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        times[name] += time.perf_counter() - t0
+        return out
+
+    rgbs = [timed("decode", lambda i=i: load_photo(i.path, spec.load).rgb) for i, _ in faces]
+    lms = np.stack([timed("detect", lambda rgb=rgb: worker.detector.detect(rgb).face.landmarks) for rgb in rgbs])
+    prior = timed("β_prior", lambda: worker.dictionary.prior_for_faces(rgbs, lms))
+    sizes = np.array([(r.shape[1], r.shape[0]) for r in rgbs], np.float64)
+    fit = timed("fit", lambda: worker.fitter.fit(lms, sizes, prior.beta))
+    for k, rgb in enumerate(rgbs):
+        verts = worker.model.vertices(fit.alpha[k], fit.beta[k])
+        cam = Cameras(fit.cameras.scale[k:k + 1], fit.cameras.rotation[k:k + 1], fit.cameras.translation[k:k + 1])
+        out = timed("unwrap", lambda rgb=rgb, verts=verts, cam=cam, k=k: unwrap(
+            rgb, verts, worker.model.vertex_normals(verts), cam, sizes[k].max() / spec.fit.fit_size, worker.raster,
+            spec.texture))
+        timed("png", lambda out=out: encode_png(out.rgba(), spec.texture.png_compression))
+    return {k: v / len(faces) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--faces", type=int, default=2000)
+    parser.add_argument("--eos-faces", type=int, default=200)
+    parser.add_argument("--model", type=Path, default=Path("data/face_model/model.npz"))
+    parser.add_argument("--share", type=Path, default=Path("../shared/assets/eos-share"))
+    parser.add_argument("--dictionary", type=Path, default=Path("data/dictionary"))
+    parser.add_argument("--photos", type=Path, default=Path("data/wild_synth/images"))
+    parser.add_argument("--repeat", type=int, default=4, help="times each photo is processed end to end")
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}")
+    model = MorphableModel.load(args.model)
+    bench_fit(model, args.share, args.faces, args.eos_faces)
+    bench_end_to_end(args.model, args.dictionary, args.photos, args.repeat)
+
+
+if __name__ == "__main__":
+    main()

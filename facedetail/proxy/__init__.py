@@ -1,0 +1,1 @@
+"""Proxy estimation for in-the-wild photos: inputs, camera and shape fit, UV textures."""

@@ -1,0 +1,210 @@
+"""The proxy fitter: Gold Standard camera, nearest rotation, regularised shape LSQ, contour, failure reports;
+and the UV unwrap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facedetail.proxy.fit import (
+    LEFT_CONTOUR,
+    RIGHT_CONTOUR,
+    Cameras,
+    FitConfig,
+    ProxyFitter,
+    estimate_cameras,
+    gold_standard_affine,
+    nearest_scaled_rotation,
+    solve_coefficients,
+)
+from facedetail.proxy.texture import TextureConfig, UVRaster, hsv_value, unwrap
+from facedetail.render.camera import euler_rotation
+
+
+def random_cameras(rng: np.random.Generator, b: int, max_yaw: float = 40.0) -> Cameras:
+    angles = np.c_[rng.uniform(-max_yaw, max_yaw, b), rng.uniform(-15, 15, b), rng.uniform(-10, 10, b)]
+    rotation = np.stack([euler_rotation(*a) for a in angles])
+    return Cameras(rng.uniform(0.5, 2.0, b), rotation, rng.uniform(50, 200, (b, 2)))
+
+
+# --- camera -------------------------------------------------------------------------------------
+
+
+def test_gold_standard_recovers_an_affine_camera_exactly():
+    rng = np.random.default_rng(0)
+    points = rng.normal(0, 50, (5, 30, 3))
+    affine = rng.normal(0, 1, (5, 2, 4))
+    image = np.einsum("bij,bnj->bni", affine[:, :, :3], points) + affine[:, None, :, 3]
+    np.testing.assert_allclose(gold_standard_affine(points, image), affine, atol=1e-9)
+
+
+def test_scaled_orthographic_camera_is_recovered_and_degrades_gracefully_with_noise():
+    rng = np.random.default_rng(1)
+    truth = random_cameras(rng, 200)
+    points = rng.normal(0, 60, (200, 50, 3))
+    image = truth.project(points)
+    exact = estimate_cameras(points, image)
+    np.testing.assert_allclose(exact.rotation, truth.rotation, atol=1e-9)
+    np.testing.assert_allclose(exact.scale, truth.scale, rtol=1e-9)
+    np.testing.assert_allclose(exact.translation, truth.translation, atol=1e-7)
+    errors = []
+    for sigma in (0.5, 2.0, 8.0):
+        noisy = estimate_cameras(points, image + rng.normal(0, sigma, image.shape))
+        # Angle between true and estimated rotations.
+        cos = (np.trace(np.transpose(noisy.rotation, (0, 2, 1)) @ truth.rotation, axis1=1, axis2=2) - 1) / 2
+        errors.append(np.degrees(np.arccos(np.clip(cos, -1, 1))).mean())
+        assert np.all(np.isfinite(noisy.rotation))
+        np.testing.assert_allclose(np.linalg.det(noisy.rotation), 1.0, atol=1e-9)
+    # Error grows with the noise and stays small relative to it (50 points, 60 mm spread, ~1 px/mm).
+    assert errors[0] < errors[1] < errors[2] < 10.0, errors
+
+
+def test_nearest_rotation_is_proper_and_nan_stays_contained():
+    rng = np.random.default_rng(2)
+    affine = rng.normal(0, 1, (4, 2, 4))
+    affine[1] = np.nan
+    scale, rotation = nearest_scaled_rotation(affine)
+    good = [0, 2, 3]
+    np.testing.assert_allclose(rotation[good] @ np.transpose(rotation[good], (0, 2, 1)), np.eye(3)[None].repeat(3, 0),
+                               atol=1e-12)
+    np.testing.assert_allclose(np.linalg.det(rotation[good]), 1.0)
+    assert np.isnan(scale[1]) and np.isnan(rotation[1]).all() and np.isfinite(scale[good]).all()
+
+
+# --- shape fit ----------------------------------------------------------------------------------
+
+
+def model_landmarks(model, alpha: np.ndarray, beta: np.ndarray, cameras: Cameras, contour_pick: int = 4) -> np.ndarray:
+    """Exact 2-D landmarks (image px, y down) of a model face: fixed vertices plus one contour
+    candidate per contour landmark (so the fitter's nearest-candidate matching can be exact)."""
+    verts = model.vertices(alpha, beta).astype(np.float64)
+    ids = np.where(model.landmark_defined, model.landmark_vertices, 0)
+    for side, cand in ((RIGHT_CONTOUR, model.contour_right), (LEFT_CONTOUR, model.contour_left)):
+        ids[side] = cand[np.linspace(0, len(cand) - 1, len(side)).astype(int)]
+    xy = cameras.project(verts[:, ids])
+    xy[..., 1] *= -1
+    return xy
+
+
+@pytest.fixture(scope="module")
+def sfm_faces(sfm_model):
+    rng = np.random.default_rng(3)
+    b = 24
+    alpha = np.clip(rng.standard_normal((b, sfm_model.n_shape)), -2, 2)
+    beta = np.abs(rng.standard_normal((b, sfm_model.n_expression))) * 0.3
+    cameras = random_cameras(rng, b, max_yaw=30)
+    cameras = Cameras(cameras.scale, cameras.rotation, cameras.translation - [0, 256])  # y up: image rows 0..256
+    return alpha, beta, cameras, model_landmarks(sfm_model, alpha, beta, cameras)
+
+
+def test_shape_fit_recovers_alpha_from_exact_landmarks(sfm_model, sfm_faces):
+    alpha, beta, cameras, landmarks = sfm_faces
+    b = len(alpha)
+    fitter = ProxyFitter(sfm_model, FitConfig(shape_lambda=0.0, use_contour=False, iterations_prior=15))
+    # With the true camera the shape step is one linear LSQ: 50 fixed landmarks, 100 equations, 63
+    # unknowns; without regularisation it returns α exactly.
+    ids = np.tile(fitter._landmark_local, (b, 1))
+    weights = np.tile(fitter._fixed.astype(float), (b, 1))
+    x = landmarks.copy()
+    x[..., 1] *= -1
+    x[:, ~fitter._fixed] = 0.0
+    base = fitter._mean[ids] + fitter._expression_points(beta, ids)
+    direct = solve_coefficients(cameras, base, fitter._shape[ids], x, weights, lam=0.0, sigma2=3.0)
+    np.testing.assert_allclose(direct, alpha, atol=1e-3)
+    # From α = 0 the camera/shape alternation gets there slowly (scale and some identity components
+    # trade off against each other), but monotonically and close.
+    result = fitter.fit(landmarks, np.full((b, 2), 256.0), beta_prior=beta)
+    assert result.status == ["ok"] * b
+    assert np.all(np.diff(result.residuals, axis=1) <= 1e-9) and result.reprojection_px.max() < 0.5
+    shape_error = np.linalg.norm(sfm_model.vertices(result.alpha) - sfm_model.vertices(alpha), axis=2).mean()
+    mean_face = np.linalg.norm(sfm_model.vertices(np.zeros_like(alpha)) - sfm_model.vertices(alpha), axis=2).mean()
+    assert shape_error < 0.8 * mean_face, (shape_error, mean_face)
+
+
+def test_default_fit_with_contour_and_regularisation(sfm_model, sfm_faces):
+    alpha, beta, _, landmarks = sfm_faces
+    sizes = np.full((len(alpha), 2), 256.0)
+    result = ProxyFitter(sfm_model).fit(landmarks, sizes, beta_prior=beta)
+    assert result.status == ["ok"] * len(alpha)
+    assert result.residuals.shape == (len(alpha), 10)
+    # λ = 30 pulls α towards the mean: a small residual remains; the residual falls over iterations.
+    assert np.all(result.reprojection_px < 4.0) and np.all(result.residuals[:, -1] <= result.residuals[:, 0] + 1e-9)
+    # Contour landmarks were matched to contour candidates on their own side.
+    assert np.isin(result.landmark_vertices[:, RIGHT_CONTOUR], sfm_model.contour_right).all()
+    assert np.isin(result.landmark_vertices[:, LEFT_CONTOUR], sfm_model.contour_left).all()
+    np.testing.assert_array_equal(result.beta, beta)
+
+
+def test_free_expression_is_fitted_and_non_negative(sfm_model, sfm_faces):
+    alpha, beta, _, landmarks = sfm_faces
+    result = ProxyFitter(sfm_model, FitConfig(expression="free")).fit(landmarks, np.full((len(alpha), 2), 256.0))
+    assert result.residuals.shape[1] == 5 and np.all(result.beta >= 0)
+    # Recovered β is much closer to the truth than β = 0.
+    assert np.abs(result.beta - beta).mean() < 0.6 * np.abs(beta).mean()
+
+
+def test_fit_scales_landmarks_to_256_and_reports_bad_rows(sfm_model, sfm_faces):
+    alpha, beta, _, landmarks = sfm_faces
+    lm = landmarks[:4].copy()
+    big = lm * 4.0  # the same faces in 1024 px photos
+    fitter = ProxyFitter(sfm_model)
+    small = fitter.fit(lm, np.full((4, 2), 256.0), beta[:4])
+    large = fitter.fit(big, np.full((4, 2), 1024.0), beta[:4])
+    np.testing.assert_allclose(large.alpha, small.alpha, atol=1e-8)
+    np.testing.assert_allclose(large.reprojection_px, small.reprojection_px, atol=1e-8)
+    lm[1, 30] = np.nan
+    lm[2] *= 1e-9  # all landmarks on one point: the camera collapses
+    lm[3] = lm[3][np.random.default_rng(5).permutation(68)]  # scrambled landmarks: no face fits them
+    result = fitter.fit(lm, np.full((4, 2), 256.0), beta[:4])
+    assert result.status[0] == "ok"
+    assert result.status[1] == "fit failed: landmarks contain NaN or inf"
+    assert result.status[2].startswith(("fit failed", "fit diverged"))
+    assert result.status[3].startswith("fit diverged"), result.status[3]
+
+
+def test_extreme_pose_is_reported(sfm_model):
+    rng = np.random.default_rng(4)
+    cams = Cameras(np.array([1.0]), euler_rotation(85, 0, 0)[None], np.array([[128.0, -128.0]]))
+    landmarks = model_landmarks(sfm_model, np.zeros((1, sfm_model.n_shape)), np.zeros((1, 6)), cams)
+    result = ProxyFitter(sfm_model, FitConfig(max_reprojection_px=1e6)).fit(
+        landmarks + rng.normal(0, 0.1, landmarks.shape), np.array([[256.0, 256.0]]), np.zeros((1, 6)))
+    assert result.status[0].startswith("extreme pose: yaw"), result.status
+
+
+# --- UV texture ---------------------------------------------------------------------------------
+
+
+def test_uv_raster_covers_the_layout_with_valid_barycentrics(sfm_model):
+    raster = UVRaster.build(sfm_model.uv, sfm_model.triangles, 256)
+    assert np.allclose(raster.bary.sum(axis=1), 1.0, atol=1e-6) and raster.bary.min() >= 0
+    # Blending the per-vertex UVs gives back each texel's centre: exactly inside triangles; border
+    # texels up to a texel outside the layout are clamped onto it.
+    uv_back = raster.blend(sfm_model.uv.astype(np.float64))
+    centres = np.c_[(raster.cols + 0.5) / 256, (raster.rows + 0.5) / 256]
+    off = np.abs(uv_back - centres).max(axis=1) * 256  # in texels
+    assert np.median(off) < 1e-4 and np.percentile(off, 99) < 1e-3 and off.max() <= 1.0
+    assert 0.4 < len(raster.rows) / 256**2 < 1.0
+
+
+def test_unwrap_samples_visible_texels_and_masks_hidden_ones(sfm_model):
+    raster = UVRaster.build(sfm_model.uv, sfm_model.triangles, 128)
+    verts = sfm_model.vertices().astype(np.float64)
+    normals = sfm_model.vertex_normals(verts)
+    # A photo whose left half is red and right half blue: a frontal face gets both colours.
+    photo = np.zeros((256, 256, 3), np.uint8)
+    photo[:, :128] = (255, 0, 0)
+    photo[:, 128:] = (0, 0, 255)
+    config = TextureConfig(resolution=128)
+    coverage = {}
+    for yaw in (0.0, 50.0):
+        cams = Cameras(np.array([1.2]), euler_rotation(yaw, 0, 0)[None], np.array([[128.0, -128.0]]))
+        out = unwrap(photo, verts, normals, cams, 1.0, raster, config)
+        coverage[yaw] = out.mask.mean()
+        assert out.texture[~out.mask].max() == 0
+        visible = out.texture[out.mask]
+        # Only the photo's colours (and their bilinear blends at the border) appear.
+        assert visible[:, 1].max() == 0 and np.all(visible[:, 0].astype(int) + visible[:, 2] >= 254)
+        if yaw == 0.0:
+            assert (visible[:, 0] == 255).mean() > 0.3 and (visible[:, 2] == 255).mean() > 0.3
+    assert coverage[50.0] < coverage[0.0] - 0.1
+    np.testing.assert_allclose(hsv_value(np.array([[[255, 0, 0]]], np.uint8)), [[1.0]])
