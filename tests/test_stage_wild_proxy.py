@@ -171,3 +171,25 @@ def test_rerun_is_byte_identical(built: Path) -> None:
     shutil.rmtree(out)
     wild_proxy.run(_params(), built)
     assert _files(out) == first
+
+
+def test_a_list_with_given_boxes_skips_detection(built: Path) -> None:
+    rows = pq.read_table(built / "data/wild_proxy/proxies.parquet").to_pylist()
+    astro = next(r for r in rows if r["path"] == "astronaut.png")
+    left, top, right, bottom = astro["box"]
+    root = built / "case-list"
+    for sub in ("data/face_model", "data/dictionary"):
+        (root / sub).parent.mkdir(parents=True, exist_ok=True)
+        (root / sub).symlink_to(built / sub)
+    (root / "photos").mkdir()
+    shutil.copy2(built / "data/wild_synth/images/astronaut.png", root / "photos/astronaut.png")
+    (root / "photos/list.csv").write_text(
+        "subDirectory_filePath,face_x,face_y,face_width,face_height,expression\n"
+        f"astronaut.png,{left},{top},{right - left},{bottom - top},happy\n")
+    wild_proxy.run(_params(input="photos/list.csv", truth="", expected="", astronaut="", eos_share=""), root)
+    (row,) = pq.read_table(root / "data/wild_proxy/proxies.parquet").to_pylist()
+    assert row["status"] == OK and row["label"] == "happy"
+    assert row["detection_score"] is None  # no detector ran: the box came from the list
+    np.testing.assert_allclose(row["box"], astro["box"], atol=1.0)
+    # Same box, same predictor: the landmarks match the detected run's.
+    np.testing.assert_allclose(row["landmarks"], astro["landmarks"], atol=1.0)
