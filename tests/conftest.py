@@ -116,6 +116,15 @@ def shrink_params(repo: Path) -> None:
     set_params(repo, "render_expressions", **TINY_FACES)
     set_params(repo, "render_faces", workers=1, holdout_fraction=0.25)
     set_params(repo, "emotion_net", train={**TINY_TRAIN})
+    set_params(repo, "capture_synth", **TINY_CAPTURE_SYNTH)
+    set_params(repo, "capture_gt", **TINY_CAPTURE_GT)
     set_params(repo, "wild_synth", count=6, image_size=192, size_jitter=0.1, bad_examples=False, contact_sheet=6)
     set_params(repo, "wild_proxy", **TINY_PROXY)
 
+
+# Capture stages (issue 6): one subject x 3 expressions at 192² (1.2 mm texels) from coarse scans
+# (1.2 mm edges), with wrinkles and pores widened so that both sample them.
+TINY_CAPTURE_SYNTH = {"subjects": 1, "resolution": 192, "workers": 1, "scan": {"edge_mm": 1.2},
+                      "details": {"wrinkle_width_mm": 1.5, "fold_width_mm": 2.5, "pore_wavelength_mm": [4.0, 8.0]}}
+TINY_CAPTURE_GT = {"resolution": 192, "workers": 1, "preview_items": 2, "preview_tile": 128,
+                   "patches": {"size": 32, "stride": 16, "overlap": 16}}

@@ -18,7 +18,7 @@ DATA_FILES = ("face_model/model.npz", "face_model/manifest.parquet", "face_model
               "emotion_net/model.pt", "dictionary/index.faiss", "dictionary/entries.parquet",
               "dictionary/dictionary.json", "wild_synth/truth.parquet", "wild_synth/images/wild-00000.jpg",
               "wild_proxy/proxies.parquet", "wild_proxy/quarantine.parquet", "wild_proxy/shards/shard-00000.tar",
-              "wild_proxy/contact_sheet.png")
+              "wild_proxy/contact_sheet.png", "capture_synth/manifest.parquet", "capture_gt/manifest.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_flow_matches_dvc_repro(prefect_harness, tmp_path: Path, eos_share: Path
 
     results = pipeline(root=str(flow_repo))
     assert [r["stage"] for r in results] == ["face_model", "render_expressions", "render_faces", "emotion_net",
-                                             "dictionary", "wild_synth", "wild_proxy"]
+                                             "dictionary", "wild_synth", "wild_proxy", "capture_synth", "capture_gt"]
     for name in DATA_FILES:
         assert sha256_file(flow_repo / "data" / name) == sha256_file(dvc_repo / "data" / name), name
 

@@ -17,7 +17,7 @@ from facedetail.proxy.fit import (
     nearest_scaled_rotation,
     solve_coefficients,
 )
-from facedetail.proxy.texture import TextureConfig, UVRaster, hsv_value, unwrap
+from facedetail.proxy.texture import TextureConfig, UVTexels, hsv_value, unwrap
 from facedetail.render.camera import euler_rotation
 
 
@@ -144,7 +144,7 @@ def test_free_expression_is_fitted_and_non_negative(sfm_model, sfm_faces):
 
 
 def test_fit_scales_landmarks_to_256_and_reports_bad_rows(sfm_model, sfm_faces):
-    alpha, beta, _, landmarks = sfm_faces
+    _, beta, _, landmarks = sfm_faces
     lm = landmarks[:4].copy()
     big = lm * 4.0  # the same faces in 1024 px photos
     fitter = ProxyFitter(sfm_model)
@@ -174,20 +174,20 @@ def test_extreme_pose_is_reported(sfm_model):
 # --- UV texture ---------------------------------------------------------------------------------
 
 
-def test_uv_raster_covers_the_layout_with_valid_barycentrics(sfm_model):
-    raster = UVRaster.build(sfm_model.uv, sfm_model.triangles, 256)
-    assert np.allclose(raster.bary.sum(axis=1), 1.0, atol=1e-6) and raster.bary.min() >= 0
-    # Blending the per-vertex UVs gives back each texel's centre: exactly inside triangles; border
-    # texels up to a texel outside the layout are clamped onto it.
-    uv_back = raster.blend(sfm_model.uv.astype(np.float64))
-    centres = np.c_[(raster.cols + 0.5) / 256, (raster.rows + 0.5) / 256]
-    off = np.abs(uv_back - centres).max(axis=1) * 256  # in texels
-    assert np.median(off) < 1e-4 and np.percentile(off, 99) < 1e-3 and off.max() <= 1.0
-    assert 0.4 < len(raster.rows) / 256**2 < 1.0
+def test_uv_texels_blend_exactly(sfm_model):
+    texels = UVTexels.build(sfm_model.uv, sfm_model.triangles, 256)
+    # Each row of the blend matrix is a texel's barycentric weights: non-negative, summing to 1.
+    assert texels.matrix.nnz == 3 * len(texels.rows) and texels.matrix.data.min() >= 0
+    np.testing.assert_allclose(np.asarray(texels.matrix.sum(axis=1)).ravel(), 1.0, atol=1e-12)
+    # Blending the per-vertex UVs gives back each texel's centre: the raster is exact.
+    uv_back = texels.blend(sfm_model.uv.astype(np.float64))
+    centres = np.c_[(texels.cols + 0.5) / 256, (texels.rows + 0.5) / 256]
+    np.testing.assert_allclose(uv_back, centres, atol=1e-9)
+    assert 0.4 < len(texels.rows) / 256**2 < 1.0
 
 
 def test_unwrap_samples_visible_texels_and_masks_hidden_ones(sfm_model):
-    raster = UVRaster.build(sfm_model.uv, sfm_model.triangles, 128)
+    raster = UVTexels.build(sfm_model.uv, sfm_model.triangles, 128)
     verts = sfm_model.vertices().astype(np.float64)
     normals = sfm_model.vertex_normals(verts)
     # A photo whose left half is red and right half blue: a frontal face gets both colours.

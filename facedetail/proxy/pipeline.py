@@ -24,7 +24,7 @@ from facedetail.io.shards import ShardTask, write_tar_shard
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.fit import FitConfig, ProxyFitter
 from facedetail.proxy.inputs import InputItem, LoadConfig, LoadedPhoto, LoadFailure, load_photo
-from facedetail.proxy.texture import TextureConfig, UVRaster, unwrap
+from facedetail.proxy.texture import TextureConfig, UVTexels, unwrap
 from facedetail.render.expression_set import encode_png
 
 OK = "ok"
@@ -94,7 +94,7 @@ class ProxyShardWorker:
         self.detector = LandmarkDetector(spec.detector)
         self.dictionary = ExpressionDictionary.load(spec.dictionary_path, device="cpu")
         self.fitter = ProxyFitter(self.model, spec.fit)
-        self.raster = UVRaster.build(self.model.uv, self.model.triangles, spec.texture.resolution)
+        self.raster = UVTexels.build(self.model.uv, self.model.triangles, spec.texture.resolution)
 
     def __call__(self, task: ShardTask, tar_path: Path, progress: Callable[[int], None]) -> list[dict[str, Any]]:
         rows: dict[str, dict[str, Any]] = {}
