@@ -169,10 +169,9 @@ def _step_times(worker: ProxyShardWorker, items: list[InputItem]) -> dict[str, f
     fit = timed("fit", lambda: worker.fitter.fit(lms, sizes, prior.beta))
     for k, rgb in enumerate(rgbs):
         verts = worker.model.vertices(fit.alpha[k], fit.beta[k])
-        cam = Cameras(fit.cameras.scale[k:k + 1], fit.cameras.rotation[k:k + 1], fit.cameras.translation[k:k + 1])
-        out = timed("unwrap", lambda rgb=rgb, verts=verts, cam=cam, k=k: unwrap(
-            rgb, verts, worker.model.vertex_normals(verts), cam, sizes[k].max() / spec.fit.fit_size, worker.raster,
-            spec.texture))
+        out = timed("unwrap", lambda rgb=rgb, verts=verts, k=k: unwrap(
+            rgb, verts, worker.model.vertex_normals(verts), fit.cameras.select(k), sizes[k].max() / spec.fit.fit_size,
+            worker.raster, spec.texture))
         timed("png", lambda out=out: encode_png(out.rgba(), spec.texture.png_compression))
     return {k: v / len(faces) for k, v in times.items()}
 

@@ -104,8 +104,9 @@ class WildProxyParams(StageParams):
     """Camera and shape fit."""
     texture: TextureConfig = TextureConfig()
     """UV unwrapping."""
-    shard_size: int = Field(256, ge=1)
-    """Photos per shard (and per fitting batch)."""
+    shard_size: int = Field(64, ge=1)
+    """Photos per shard (and per fitting batch). A worker holds a shard's decoded photos (up to
+    load.max_side² x 3 bytes each) until it is fitted: 64 x 1024² photos is 200 MB per process."""
     sheet_faces: int = Field(16, ge=1)
     """Fits drawn on the contact sheet."""
     workers: int = Field(0, ge=0)

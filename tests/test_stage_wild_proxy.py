@@ -14,9 +14,13 @@ import pytest
 from conftest import TINY_FACES, TINY_PROXY, TINY_TRAIN
 
 from facedetail.errors import SourceFileError
+from facedetail.features.landmarks import DetectorConfig
 from facedetail.io.hashing import sha256_file
-from facedetail.io.shards import read_tar_samples
-from facedetail.proxy.pipeline import OK, TEXTURE_EXT, fit_to_photo, photo_to_fit
+from facedetail.io.shards import ShardTask, read_tar_samples
+from facedetail.proxy.fit import FitConfig
+from facedetail.proxy.inputs import LoadConfig, list_inputs
+from facedetail.proxy.pipeline import OK, TEXTURE_EXT, ProxyShardWorker, ProxySpec, fit_to_photo, photo_to_fit
+from facedetail.proxy.texture import TextureConfig
 from facedetail.render.expression_set import decode_png
 from stages import dictionary, emotion_net, render_expressions, render_faces, wild_proxy, wild_synth
 
@@ -193,3 +197,28 @@ def test_a_list_with_given_boxes_skips_detection(built: Path) -> None:
     np.testing.assert_allclose(row["box"], astro["box"], atol=1.0)
     # Same box, same predictor: the landmarks match the detected run's.
     np.testing.assert_allclose(row["landmarks"], astro["landmarks"], atol=1.0)
+
+
+def test_an_exception_on_one_photo_is_quarantined_not_fatal(built: Path, tmp_path: Path) -> None:
+    """dlib raises RuntimeError on some inputs; the shard must report that photo and go on."""
+    images = built / "data/wild_synth/images"
+    fitted = [r["path"] for r in pq.read_table(built / "data/wild_proxy/proxies.parquet").to_pylist()
+              if r["status"] == OK and r["path"].startswith("wild-")]
+    items = [i for i in list_inputs(images) if i.relative in ("astronaut.png", fitted[0])]
+    spec = ProxySpec({i.id: i for i in items}, built / "data/face_model/model.npz", built / "data/dictionary",
+                     LoadConfig(), DetectorConfig(), FitConfig(), TextureConfig(resolution=64), "test")
+    worker = ProxyShardWorker(spec)
+    real_detect = worker.detector.detect
+
+    def detect(rgb: np.ndarray):
+        if rgb.shape[:2] == (512, 512):  # the astronaut
+            raise RuntimeError("Unsupported image type, must be 8bit gray or RGB image.")
+        return real_detect(rgb)
+
+    worker.detector.detect = detect  # type: ignore[method-assign]
+    rows = worker(ShardTask("s", tuple(i.id for i in items)), tmp_path / "s.tar", lambda n: None)
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["astronaut.png"]["reason"] == (
+        "landmarks failed: RuntimeError: Unsupported image type, must be 8bit gray or RGB image.")
+    assert by_path["astronaut.png"]["source_sha256"]  # decoded, so the file's facts are kept
+    assert by_path[fitted[0]]["status"] == OK and len(rows) == 2

@@ -81,6 +81,10 @@ class Cameras:
         return self.scale[:, None, None] * np.einsum("bij,bnj->bni", self.rotation[:, :2], points) + \
             self.translation[:, None, :]
 
+    def select(self, i: int) -> Cameras:
+        """Camera ``i`` as a batch of one."""
+        return Cameras(self.scale[i:i + 1], self.rotation[i:i + 1], self.translation[i:i + 1])
+
     def depth(self, points: np.ndarray) -> np.ndarray:
         """(B, N) distance towards the viewer (larger = closer), in millimetres."""
         return np.einsum("bj,bnj->bn", self.rotation[:, 2], points)

@@ -119,15 +119,21 @@ class ProxyShardWorker:
         photo = load_photo(item.path, self.spec.load)
         if isinstance(photo, LoadFailure):
             return None, photo.reason
+        try:
+            return photo, self._landmarks(item, photo)
+        except Exception as err:  # dlib raises RuntimeError on images it cannot take: report, go on
+            return photo, f"landmarks failed: {type(err).__name__}: {err}"
+
+    def _landmarks(self, item: InputItem, photo: LoadedPhoto) -> _Face | str:
         if item.box is not None:
             corners = to_decoded(np.reshape(item.box, (2, 2)), photo.scale).ravel()
             found = self.detector.landmarks_in_box(photo.rgb, tuple(float(v) for v in corners))  # type: ignore[arg-type]
-            return photo, _Face(item, photo, found.landmarks, found.box, None, 1)
+            return _Face(item, photo, found.landmarks, found.box, None, 1)
         detection = self.detector.detect(photo.rgb)
         if detection.face is None:
-            return photo, detection.reason or "no face detected"
+            return detection.reason or "no face detected"
         f = detection.face
-        return photo, _Face(item, photo, f.landmarks, f.box, f.score, f.faces_found)
+        return _Face(item, photo, f.landmarks, f.box, f.score, f.faces_found)
 
     def _fit_and_unwrap(self, faces: list[_Face], rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         spec = self.spec
@@ -157,13 +163,16 @@ class ProxyShardWorker:
                 rows[face.item.id] = self._row(face.item, face.photo, face, status=QUARANTINED, reason=status,
                                                **fit_row)
                 continue
-            vertices = self.model.vertices(result.alpha[i], result.beta[i])
-            normals = self.model.vertex_normals(vertices)
-            one_camera = type(result.cameras)(result.cameras.scale[i:i + 1], result.cameras.rotation[i:i + 1],
-                                              result.cameras.translation[i:i + 1])
-            unwrapped = unwrap(face.photo.rgb, vertices, normals, one_camera, sizes[i].max() / spec.fit.fit_size,
-                               self.raster, spec.texture)
-            png = encode_png(unwrapped.rgba(), spec.texture.png_compression)
+            try:
+                vertices = self.model.vertices(result.alpha[i], result.beta[i])
+                unwrapped = unwrap(face.photo.rgb, vertices, self.model.vertex_normals(vertices),
+                                   result.cameras.select(i), sizes[i].max() / spec.fit.fit_size, self.raster,
+                                   spec.texture)
+                png = encode_png(unwrapped.rgba(), spec.texture.png_compression)
+            except Exception as err:  # one photo's failure must not lose the shard: report it
+                rows[face.item.id] = self._row(face.item, face.photo, face, status=QUARANTINED,
+                                               reason=f"unwrap failed: {type(err).__name__}: {err}", **fit_row)
+                continue
             meta = {"id": face.item.id, "source": face.item.relative, **fit_row}
             samples.append({"__key__": face.item.id, TEXTURE_EXT: png, "json": canonical_json(meta).encode()})
             rows[face.item.id] = self._row(face.item, face.photo, face, status=OK, reason=None,
