@@ -172,9 +172,11 @@ def test_a_run_with_no_usable_photo_fails_loudly(built: Path, face_cases: Path) 
 def test_rerun_is_byte_identical(built: Path) -> None:
     out = built / "data/wild_proxy"
     first = _files(out)
+    metrics = (built / "metrics/wild_proxy.json").read_bytes()
     shutil.rmtree(out)
     wild_proxy.run(_params(), built)
     assert _files(out) == first
+    assert (built / "metrics/wild_proxy.json").read_bytes() == metrics  # no timings in the metrics
 
 
 def test_a_list_with_given_boxes_skips_detection(built: Path) -> None:
