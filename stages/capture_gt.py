@@ -23,9 +23,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from pydantic import Field
+from threadpoolctl import threadpool_limits
 
 from facedetail.capture.extract import embree_available
 from facedetail.capture.maps import MAP_FILES, load_item, write_item_maps
@@ -35,7 +35,7 @@ from facedetail.capture.preview import PreviewItem, preview_sheet
 from facedetail.capture.process import CaptureConfig, process_capture, proxy_maps
 from facedetail.capture.scan import CaptureError, CaptureItem, discover_items, load_proxy, proxy_path, read_info
 from facedetail.config import Config
-from facedetail.errors import FacedetailError, SourceFileError
+from facedetail.errors import FacedetailError, InterruptedRunError, SourceFileError
 from facedetail.io import MANIFEST_NAME, atomic_directory, write_manifest
 from facedetail.io.hashing import params_hash, sha256_file
 from facedetail.io.lineage import ParentRef
@@ -44,6 +44,7 @@ from facedetail.io.seeds import derive_seed, item_rng
 from facedetail.io.tables import write_quarantine
 from facedetail.model.morphable import MorphableModel
 from facedetail.model.uvmap import rasterize_uv
+from facedetail.render.expression_set import encode_png
 from stages._common import Stage, StageParams, StageResult, hash_outputs, lineage_run, main, worker_count, write_json
 
 NAME = "capture_gt"
@@ -110,10 +111,15 @@ class CaptureWorker:
             result = process_capture(item, self.model, self.raster, self.config, item_rng(self.seed, NAME, item.id))
         except CaptureError as err:
             return {"id": item.id, "path": item.id, "reason": str(err)}
+        except (InterruptedRunError, MemoryError):
+            raise  # not this item's fault: the run itself must stop
+        except Exception as err:  # anything else one item's files provoke: report it, go on
+            return {"id": item.id, "path": item.id, "reason": f"unexpected error: {type(err).__name__}: {err}"}
         folder = self.out_dir / MAPS / item.id
         maps = result.maps
         clipped = write_item_maps(folder, maps.displacement, maps.mask, maps.normals, self.config.png_scale_mm)
         facts = {k: v for k, v in result.facts.items() if k not in _TIMING}
+        facts["scan_units"] = facts.pop("units", None)  # the declared input unit; the maps are in mm
         facts.update(png_scale_mm=self.config.png_scale_mm, png_clipped_texels=clipped, units="mm")
         rows = [file_row(self.out_dir, f"{MAPS}/{item.id}/{name}", item_id=f"{item.id}/{kind}", seed=seed,
                          params_hash=self.key, kind=kind, **facts) for kind, name in MAP_FILES.items()]
@@ -189,7 +195,16 @@ def run(params: CaptureGtParams, root: Path, parent: ParentRef | None = None) ->
 
 
 def _write_preview(tmp: Path, params: CaptureGtParams, model_path: Path, captures: Path, ids: list[str]) -> None:
-    """The preview sheet of the first processed items, read back from the files just written."""
+    """The preview sheet of the first processed items, read back from the files just written.
+
+    One BLAS thread, as in the workers: the proxy's vertices must round the same on every machine
+    for preview.png (a DVC output) to be byte-identical.
+    """
+    with threadpool_limits(1):
+        _preview(tmp, params, model_path, captures, ids)
+
+
+def _preview(tmp: Path, params: CaptureGtParams, model_path: Path, captures: Path, ids: list[str]) -> None:
     model = MorphableModel.load(model_path)
     raster = rasterize_uv(model.uv, model.triangles, params.resolution)
     shown = []
@@ -200,11 +215,7 @@ def _write_preview(tmp: Path, params: CaptureGtParams, model_path: Path, capture
         pm = proxy_maps(raster, model, proxy)
         maps = load_item(tmp, item_id)
         shown.append(PreviewItem(item_id, maps.displacement, maps.mask, maps.normals, pm.positions, pm.normals))
-    sheet = preview_sheet(shown, params.preview_scale_mm, params.preview_tile)
-    ok, png = cv2.imencode(".png", sheet[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 6])
-    if not ok:
-        raise RuntimeError("PNG encoding of the preview failed")
-    (tmp / PREVIEW).write_bytes(png.tobytes())
+    (tmp / PREVIEW).write_bytes(encode_png(preview_sheet(shown, params.preview_scale_mm, params.preview_tile), 6))
 
 
 def _metrics(done: list[dict[str, Any]], bad: list[dict[str, Any]], params: CaptureGtParams,
@@ -228,7 +239,8 @@ def _metrics(done: list[dict[str, Any]], bad: list[dict[str, Any]], params: Capt
             "mae_mm_mean": round(float(mae.mean()), 5), "mae_mm_max": round(float(mae.max()), 5),
             "p95_error_mm_mean": round(float(np.mean([f["gt_p95_error_mm"] for f in measured])), 5),
             "gt_mean_abs_mm_mean": round(float(signal.mean()), 5),
-            "relative_mae": round(float(mae.mean() / signal.mean()), 4),
+            # None, not inf/NaN (invalid JSON), when the ground truth has no details at all.
+            "relative_mae": round(float(mae.mean() / signal.mean()), 4) if signal.mean() > 0 else None,
             "masked_fraction_mean": round(float(np.mean([f["masked_fraction"] for f in measured])), 5),
             "per_expression": {
                 e: round(float(np.mean([f["gt_mae_mm"] for f in measured if f["expression"] == e])), 5)

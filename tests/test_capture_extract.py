@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import trimesh
@@ -16,7 +18,7 @@ from facedetail.capture.extract import (
     signed_distance,
 )
 from facedetail.capture.maps import displacement_to_u16, u16_to_displacement
-from facedetail.capture.scan import CaptureError
+from facedetail.capture.scan import CaptureError, load_mesh
 from facedetail.model.uvmap import mm_per_uv, rasterize_uv
 
 SIZE = 100.0  # plane side, mm
@@ -210,3 +212,14 @@ def test_icp_undoes_a_small_motion_and_rejects_a_backwards_scan() -> None:
 def test_mm_per_uv_of_a_plane() -> None:
     verts, faces, uv = grid(5)
     assert mm_per_uv(verts, uv, faces) == pytest.approx(SIZE)
+
+
+def test_an_obj_with_uv_seams_keeps_its_vertex_order(tmp_path: Path) -> None:
+    """trimesh splits OBJ vertices at UV seams unless told to keep the file's order; a proxy in the
+    model's topology must come back with exactly the file's vertices."""
+    path = tmp_path / "seam.obj"
+    path.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nv 1 1 0\nvt 0 0\nvt 1 0\nvt 0 1\nvt 1 1\nvt 0.5 0.5\n"
+                    "f 1/1 2/2 3/3\nf 2/5 4/4 3/3\n")
+    mesh = load_mesh(path, "proxy")
+    np.testing.assert_array_equal(mesh.vertices, [[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    np.testing.assert_array_equal(mesh.faces, [[0, 1, 2], [1, 3, 2]])

@@ -154,3 +154,21 @@ def test_dvc_repro_of_the_capture_stages(repo: Path) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     out = sh(["dvc", "repro", "capture_gt"], repo).stdout
     assert "Running stage 'capture_gt'" in out and "Running stage 'capture_synth'" not in out
+
+
+def test_an_unexpected_error_in_one_item_is_quarantined(built: Path, tmp_path: Path) -> None:
+    """Errors other than the layout checks (here: ground truth saved as .npz, which np.load reads as
+    an archive, not an array) quarantine that item with the exception; the other items go on."""
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data/face_model").symlink_to(built / "data/face_model")
+    captures = root / "data/capture_synth"
+    shutil.copytree(built / "data/capture_synth/s000", captures / "s000")
+    odd = captures / "s000/neutral"
+    info = json.loads((odd / "capture.json").read_text())
+    np.savez(odd / "gt.npz", d=np.zeros((4, 4)))
+    (odd / "capture.json").write_text(json.dumps({**info, "ground_truth": "gt.npz"}))
+    capture_gt.run(capture_gt.CaptureGtParams(**{**TINY_CAPTURE_GT, "preview_items": 0}), root)
+    (row,) = pq.read_table(root / "data/capture_gt/quarantine.parquet").to_pylist()
+    assert row["id"] == "s000/neutral" and row["reason"].startswith("unexpected error: AttributeError"), row
+    assert list_items(root / "data/capture_gt") == ["s000/happiness", "s000/surprise"]

@@ -54,10 +54,15 @@ def map_items(worker_factory: Callable[[], Callable[[Any], T]], tasks: Sequence[
                     results[i] = worker(task)
                     bar.update(1)
             return results
+        # A worker that cannot be built (bad config, corrupt model) would only break the pool, which
+        # reads as "a worker died, run again": build one here first so the real error is raised.
+        with threadpool_limits(1):
+            worker_factory()
         # spawn, not fork: a forked child would share the parent's OpenGL and BLAS state.
         ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_init,
-                                    initargs=(worker_factory,)) as pool:
+        pool = cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_init,
+                                      initargs=(worker_factory,))
+        try:
             futures = {pool.submit(_call, task): i for i, task in enumerate(tasks)}
             for future in cf.as_completed(futures):
                 try:
@@ -65,4 +70,7 @@ def map_items(worker_factory: Callable[[], Callable[[Any], T]], tasks: Sequence[
                 except cf.process.BrokenProcessPool as err:
                     raise InterruptedRunError(f"a worker process died ({err}); run again") from None
                 bar.update(1)
+        finally:
+            # On an error, do not wait for the queued items to run first.
+            pool.shutdown(wait=True, cancel_futures=True)
     return results

@@ -142,7 +142,9 @@ def load_mesh(path: Path, what: str) -> trimesh.Trimesh:
     if path.suffix.lower() not in MESH_SUFFIXES:
         raise CaptureError(f"unreadable {what}", f"{path.name}: only .ply and .obj are read")
     try:
-        mesh = trimesh.load(path, process=False, force="mesh")
+        # maintain_order: an OBJ with UV seams would otherwise get vertices split at its seams (and a
+        # proxy in the model's topology would no longer match it).
+        mesh = trimesh.load(path, process=False, force="mesh", maintain_order=True)
     except Exception as err:  # trimesh raises many kinds for corrupt files: all mean "cannot be read"
         raise CaptureError(f"unreadable {what}", f"{path.name}: {type(err).__name__}: {err}") from None
     if not isinstance(mesh, trimesh.Trimesh):
