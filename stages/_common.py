@@ -99,6 +99,11 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def manifest_hashes(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """{path: sha256} of the manifest rows of loose files: hashes :func:`hash_outputs` need not recompute."""
+    return {r["path"]: r["sha256"] for r in rows if r.get("path") and r.get("sha256")}
+
+
 def link_shards(records: Sequence[ShardRecord], work_dir: Path, out_dir: Path,
                 subdir: str = "shards") -> dict[str, str]:
     """Link finished shards from ``work_dir`` into ``out_dir/subdir``; {relative path: sha256} for hash_outputs."""

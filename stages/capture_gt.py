@@ -45,7 +45,17 @@ from facedetail.io.tables import write_quarantine
 from facedetail.model.morphable import MorphableModel
 from facedetail.model.uvmap import rasterize_uv
 from facedetail.render.expression_set import encode_png
-from stages._common import Stage, StageParams, StageResult, hash_outputs, lineage_run, main, worker_count, write_json
+from stages._common import (
+    Stage,
+    StageParams,
+    StageResult,
+    hash_outputs,
+    lineage_run,
+    main,
+    manifest_hashes,
+    worker_count,
+    write_json,
+)
 
 NAME = "capture_gt"
 OUT_DIR = Path("data/capture_gt")
@@ -176,7 +186,7 @@ def run(params: CaptureGtParams, root: Path, parent: ParentRef | None = None) ->
             write_manifest(tmp / MANIFEST_NAME, rows)
             write_quarantine(tmp / QUARANTINE, [{"id": r["id"], "path": f"{params.captures}/{r['path']}",
                                                  "reason": r["reason"]} for r in bad])
-            outputs = hash_outputs(tmp, out_dir, root)
+            outputs = hash_outputs(tmp, out_dir, root, manifest_hashes(rows))
             lineage_record = lineage.record(outputs)
             write_json(tmp / "lineage.json", lineage_record)
         metrics = _metrics(done, bad, params, key)

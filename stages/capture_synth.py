@@ -31,7 +31,17 @@ from facedetail.io import MANIFEST_NAME, atomic_directory, write_manifest
 from facedetail.io.hashing import params_hash, sha256_file
 from facedetail.io.lineage import ParentRef
 from facedetail.io.manifest import file_row
-from stages._common import Stage, StageParams, StageResult, hash_outputs, lineage_run, main, worker_count, write_json
+from stages._common import (
+    Stage,
+    StageParams,
+    StageResult,
+    hash_outputs,
+    lineage_run,
+    main,
+    manifest_hashes,
+    worker_count,
+    write_json,
+)
 
 NAME = "capture_synth"
 OUT_DIR = Path("data/capture_synth")
@@ -70,7 +80,7 @@ def run(params: CaptureSynthParams, root: Path, parent: ParentRef | None = None)
             rows = [file_row(tmp, rel, item_id=rel, seed=r["seed"], params_hash=key, item=r["id"],
                              kind=Path(rel).stem) for r in results for rel in r["files"]]
             write_manifest(tmp / MANIFEST_NAME, rows)
-            outputs = hash_outputs(tmp, out_dir, root)
+            outputs = hash_outputs(tmp, out_dir, root, manifest_hashes(rows))
             lineage_record = lineage.record(outputs)
             write_json(tmp / "lineage.json", lineage_record)
         metrics = _metrics(results, rows, params, key)

@@ -52,7 +52,7 @@ from facedetail.proxy.synthetic import (
 from facedetail.render.expression_set import encode_png
 from facedetail.render.sampling import SamplingConfig
 from facedetail.render.sheet import label_grid
-from stages._common import Stage, StageParams, StageResult, hash_outputs, lineage_run, main, write_json
+from stages._common import Stage, StageParams, StageResult, hash_outputs, lineage_run, main, manifest_hashes, write_json
 
 NAME = "wild_synth"
 OUT_DIR = Path("data/wild_synth")
@@ -136,7 +136,7 @@ def run(params: WildSynthParams, root: Path, parent: ParentRef | None = None) ->
                                                   schema=_BAD_SCHEMA))
             write_manifest(tmp / MANIFEST_NAME, rows)
             (tmp / CONTACT_SHEET).write_bytes(encode_png(_contact_sheet(sheet), 6))
-            outputs = hash_outputs(tmp, out_dir, root)
+            outputs = hash_outputs(tmp, out_dir, root, manifest_hashes(rows))
             lineage_record = lineage.record(outputs)
             write_json(tmp / "lineage.json", lineage_record)
         write_json(root / METRICS, _metrics(truth, bad, item_hash))

@@ -94,7 +94,10 @@ def test_metrics_cover_truth_eos_and_bad_examples(built: Path) -> None:
     truth = m["truth"]
     assert truth["matched"] >= 3
     assert truth["detector_landmark_error_px"]["median"] < 15
-    assert truth["shape_error_mm"]["mean"] > 0 and truth["beta_mae"] >= 0
+    # Every matched photo is scored three ways (fitted α, α fitted to the true landmarks, the mean face).
+    for key in ("shape_error_mm", "shape_error_mm_fit_on_true_landmarks", "shape_error_mm_mean_face"):
+        assert truth[key]["n"] == truth["matched"] and truth[key]["mean"] > 0, key
+    assert truth["beta_mae_zero"] > 0 and truth["yaw_error_deg"]["n"] == truth["matched"]
     eos = m["eos"]
     assert eos["compared"] == 3 and eos["ours_px"]["n"] == eos["eos_px"]["n"] == 3
     assert eos["ratio_mean"] == pytest.approx(eos["ours_px"]["mean"] / eos["eos_px"]["mean"], rel=1e-3)

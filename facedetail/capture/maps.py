@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from facedetail.io.atomic import atomic_write_bytes
+from facedetail.render.expression_set import encode_png
 
 DISPLACEMENT = "displacement.npy"
 DISPLACEMENT_PNG = "displacement.png"
@@ -31,15 +32,6 @@ NORMAL_PNG = "normal.png"
 MAP_FILES = {"displacement": DISPLACEMENT, "displacement_png": DISPLACEMENT_PNG, "mask": MASK_PNG,
              "normal_png": NORMAL_PNG}
 _U16 = 65535.0
-
-
-def encode_png(image: NDArray[np.generic]) -> bytes:
-    """Lossless PNG bytes of a grey or RGB uint8/uint16 image (RGB given in RGB order)."""
-    img = np.ascontiguousarray(image[..., ::-1] if image.ndim == 3 else image)
-    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 6])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
 
 
 def decode_png(path: Path | str) -> NDArray[np.generic]:
@@ -78,9 +70,9 @@ def write_item_maps(folder: Path, displacement: NDArray[np.float32], mask: NDArr
     np.save(buf, np.ascontiguousarray(displacement, np.float32), allow_pickle=False)
     atomic_write_bytes(folder / DISPLACEMENT, buf.getvalue())
     png, clipped = displacement_to_u16(displacement, scale_mm)
-    atomic_write_bytes(folder / DISPLACEMENT_PNG, encode_png(png))
-    atomic_write_bytes(folder / MASK_PNG, encode_png(np.where(mask, 255, 0).astype(np.uint8)))
-    atomic_write_bytes(folder / NORMAL_PNG, encode_png(normals_to_u16(normals)))
+    atomic_write_bytes(folder / DISPLACEMENT_PNG, encode_png(png, 6))
+    atomic_write_bytes(folder / MASK_PNG, encode_png(np.where(mask, 255, 0).astype(np.uint8), 6))
+    atomic_write_bytes(folder / NORMAL_PNG, encode_png(normals_to_u16(normals), 6))
     return clipped
 
 

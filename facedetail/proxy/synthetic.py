@@ -49,6 +49,7 @@ from facedetail.features.landmarks import NO_FACE
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy import inputs
 from facedetail.render.camera import Camera
+from facedetail.render.expression_set import encode_png as render_png
 from facedetail.render.faces import FaceRenderer, RenderedFace, background, composite
 from facedetail.render.sampling import (
     CameraSampling,
@@ -437,11 +438,7 @@ def _save(image: Image.Image, fmt: str) -> bytes:
 
 def _png16(rgb: np.ndarray) -> bytes:
     """A 16-bit RGB PNG of 8-bit pixels (v·257: the full 16-bit range). PIL cannot write 16-bit colour; OpenCV can."""
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]).astype(np.uint16) * 257,
-                           [cv2.IMWRITE_PNG_COMPRESSION, 6])
-    if not ok:
-        raise RuntimeError("16-bit PNG encoding failed")
-    return buf.tobytes()
+    return render_png(rgb.astype(np.uint16) * 257, 6)
 
 
 def grey_png(width: int, height: int, value: int) -> bytes:

@@ -42,7 +42,7 @@ def item_id(index: int) -> str:
 
 
 def encode_png(image: np.ndarray, compression: int) -> bytes:
-    """PNG bytes of an RGB (H, W, 3), RGBA (H, W, 4) or grey (H, W) uint8 image; OpenCV writes no timestamps."""
+    """PNG bytes of an RGB (H, W, 3), RGBA (H, W, 4) or grey (H, W) uint8/uint16 image; OpenCV writes no timestamps."""
     if image.ndim == 3 and image.shape[2] == 4:
         bgr = image[..., [2, 1, 0, 3]]
     else:
