@@ -27,6 +27,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from facedetail.features.landmarks import DetectorConfig
+from facedetail.io.images import encode_png
 from facedetail.io.shards import ShardTask, build_shards, shard_tasks
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.eos_reference import EosFitter
@@ -35,7 +36,6 @@ from facedetail.proxy.inputs import InputItem, LoadConfig, LoadedPhoto, list_inp
 from facedetail.proxy.pipeline import ProxyShardWorker, ProxySpec
 from facedetail.proxy.texture import TextureConfig, unwrap
 from facedetail.render.camera import euler_rotation
-from facedetail.render.expression_set import encode_png
 
 PAPER_PHOTOS = 163_000
 

@@ -1,28 +1,35 @@
-"""What every stage shares: params loading, the stage spec, lineage wiring and the CLI wrapper."""
+"""What every stage shares: strict params loading, the stage spec, its inputs, and the CLI wrapper.
+
+A stage module declares its params model, its inputs and a ``build`` function that writes its
+outputs into an open :class:`~facedetail.io.transaction.StageOutput`; :meth:`Stage.run` does the
+rest (input checks, lineage, the atomic output, manifest hashes, metrics, the run record), the
+same for ``python -m stages.<name>`` (DVC) and for the Prefect flow.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from facedetail.config import Config
-from facedetail.errors import FacedetailError, InterruptedRunError
-from facedetail.io.atomic import atomic_write_text
-from facedetail.io.hashing import sha256_file
-from facedetail.io.lineage import LineageRun, ParentRef
-from facedetail.io.shards import ShardRecord
+from facedetail.errors import FacedetailError, InterruptedRunError, SourceFileError
+from facedetail.io.lineage import ParentRef
+from facedetail.io.transaction import RunLayout, StageOutput, stage_output
 
 PARAMS_FILE = "params.yaml"
-EVENTS_FILE = Path("data/lineage/events.jsonl")
+PARTIAL_DIR = Path("data/.partial")
+
+
+class ParamsError(FacedetailError):
+    """``params.yaml`` cannot be read as stage parameters (not YAML, a section that is not a mapping, ...)."""
 
 
 class StageParams(Config):
@@ -41,89 +48,123 @@ class StageResult:
     outputs: dict[str, str]
     """Output dataset name (repo-relative path) -> sha256."""
     summary: dict[str, Any]
-    """Small, flat facts about the outputs (counts, sizes) for reports and Prefect artifacts."""
+    """Small, flat facts about the outputs (counts, sizes, timings) for reports and Prefect artifacts."""
     lineage: dict[str, Any]
+    """The per-run lineage record."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of a stage run: checked before the run starts, hashed into its lineage."""
+
+    path: str
+    """Relative to the repository root."""
+    made_by: str | None = None
+    """The stage that writes it, for the one-line remedy (``Run `dvc repro <stage>` first``)."""
+    remedy: str | None = None
+    """The remedy when no stage makes it."""
+    check: Callable[[Path], object] | None = None
+    """Opens the input (e.g. a model file) so that bad content fails here, in one line, not in a worker."""
+    lineage: bool = True
+    """Hash it into the lineage record (False for a file read only for a comparison)."""
+
+    def resolve(self, root: Path) -> Path:
+        """The checked path: a missing or unreadable input is a :class:`SourceFileError`."""
+        path = root / self.path
+        if not path.exists():
+            raise SourceFileError(path, "input not found",
+                                  self.remedy or f"Run `dvc repro {self.made_by}` first (or fix the path)")
+        if self.check is not None:
+            self.check(path)
+        return path
+
+
+def model_input(path: str) -> Input:
+    """The morphable model written by ``face_model``, opened before the run so a non-model fails at once."""
+    from facedetail.model.morphable import MorphableModel
+
+    return Input(path, "face_model", check=MorphableModel.load)
 
 
 @dataclass(frozen=True)
 class Stage(Generic[P]):
-    """A stage: its name, params model and run function ``run(params, root, parent=None)``."""
+    """A stage: name, params model, inputs, and ``build(params, root, out) -> summary``."""
 
     name: str
     params_model: type[P]
-    run: Callable[..., StageResult]
+    build: Callable[[P, Path, StageOutput], dict[str, Any]]
+    inputs: Callable[[P], Sequence[Input]]
+    seed: Callable[[P], int | None] = lambda params: None
+    resumable: bool = False
+    """Keeps finished work in ``data/.partial/<name>`` across a killed run (removed on success)."""
+    headline: tuple[str, ...] = ()
+    """Dotted metric keys the end-of-run summary shows."""
+    look_at: tuple[str, ...] = field(default=())
+    """Files of the output a person opens to judge it (contact sheets, previews)."""
+
+    @property
+    def out_dir(self) -> Path:
+        return Path("data") / self.name
+
+    @property
+    def metrics(self) -> Path:
+        return Path("metrics") / f"{self.name}.json"
+
+    @property
+    def work_dir(self) -> Path:
+        return PARTIAL_DIR / self.name
 
     def load_params(self, root: Path, params_file: str = PARAMS_FILE) -> P:
-        """This stage's section of ``root/params.yaml``, validated."""
-        return self.params_model.model_validate(load_section(root / params_file, self.name))
+        """This stage's section of ``root/params.yaml``, validated strictly (see :func:`validate_params`)."""
+        return validate_params(self.params_model, load_section(root / params_file, self.name))
+
+    def run(self, params: P, root: Path, parent: ParentRef | None = None) -> StageResult:
+        """Check the inputs, then build the outputs inside one output transaction."""
+        root = Path(root)
+        inputs = [i for i in self.inputs(params)]
+        paths = [i.resolve(root) for i in inputs]
+        layout = RunLayout(root, self.out_dir, self.metrics, work_dir=self.work_dir if self.resumable else None)
+        with stage_output(self.name, params.model_dump(mode="json"),
+                          [p for p, i in zip(paths, inputs, strict=True) if i.lineage], layout,
+                          seed=self.seed(params), parent=parent) as out:
+            summary = self.build(params, root, out)
+        return StageResult(self.name, root / self.out_dir, out.outputs, summary, out.record)
+
+
+def validate_params(model: type[P], section: dict[str, Any]) -> P:
+    """Strict validation, as the values are written in YAML: a bool or a float is not an int, numbers
+    are finite, strings are not numbers. (JSON mode: lists are accepted for tuples.)"""
+    try:
+        text = json.dumps(section, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise ParamsError(f"values must be plain YAML scalars, lists and mappings ({err})") from None
+    return model.model_validate_json(text, strict=True)
 
 
 def load_section(params_path: Path, section: str) -> dict[str, Any]:
     """One section of a params file; a missing section means all defaults."""
-    data = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
-    return dict(data.get(section) or {})
-
-
-def lineage_run(stage: str, params: BaseModel, inputs: list[Path], root: Path, seed: int | None = None,
-                parent: ParentRef | None = None) -> LineageRun:
-    """Start the lineage record (START event) of one stage run."""
-    return LineageRun(stage=stage, params=params.model_dump(mode="json"), inputs=inputs,
-                      events_file=root / EVENTS_FILE, root=root, seed=seed, parent=parent).start()
-
-
-def hash_outputs(tmp_dir: Path, final_dir: Path, root: Path, known: Mapping[str, str] | None = None) -> dict[str, str]:
-    """{repo-relative final path: sha256} of every file assembled in ``tmp_dir``.
-
-    ``known`` maps paths relative to ``tmp_dir`` to hashes already computed (large shards).
-    """
-    rel = final_dir.resolve().relative_to(root.resolve())
-    known = known or {}
-    out = {}
-    for f in sorted(tmp_dir.rglob("*")):
-        if f.is_file():
-            inner = f.relative_to(tmp_dir).as_posix()
-            out[(rel / inner).as_posix()] = known[inner] if inner in known else sha256_file(f)
-    return out
+    try:
+        data = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ParamsError(f"{params_path}: cannot be read ({err.strerror or err})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{params_path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{params_path}: must be a mapping of stage sections, not a {type(data).__name__}")
+    values = data.get(section)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ParamsError(f"{params_path}: section {section!r} must be a mapping of parameters, "
+                          f"not a {type(values).__name__}")
+    return values
 
 
 def worker_count(requested: int) -> int:
     """Processes to use: ``requested``, or one per CPU core this process may run on when 0."""
     return requested or len(os.sched_getaffinity(0))
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a finished shard into an output (no second copy of gigabytes); copy across devices."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def manifest_hashes(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """{path: sha256} of the manifest rows of loose files: hashes :func:`hash_outputs` need not recompute."""
-    return {r["path"]: r["sha256"] for r in rows if r.get("path") and r.get("sha256")}
-
-
-def link_shards(records: Sequence[ShardRecord], work_dir: Path, out_dir: Path,
-                subdir: str = "shards") -> dict[str, str]:
-    """Link finished shards from ``work_dir`` into ``out_dir/subdir``; {relative path: sha256} for hash_outputs."""
-    (out_dir / subdir).mkdir(exist_ok=True)
-    known = {}
-    for record in records:
-        rel = f"{subdir}/{record.filename}"
-        link_or_copy(work_dir / record.filename, out_dir / rel)
-        known[rel] = record.sha256
-    return known
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Deterministic, human-readable JSON, written atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object written by :func:`write_json`."""
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def one_line(err: ValidationError) -> str:
@@ -132,7 +173,7 @@ def one_line(err: ValidationError) -> str:
 
 
 def main(stage: Stage[Any], argv: list[str] | None = None) -> int:
-    """CLI entry point used by ``python -m stages.<name>``: one-line errors, exit code 2."""
+    """CLI entry point used by ``python -m stages.<name>``: one-line errors, exit code 2 (1: interrupted, rerun)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage.name}", description=f"Run stage {stage.name}.")

@@ -38,13 +38,13 @@ from facedetail.config import Config
 from facedetail.errors import FacedetailError, InterruptedRunError, SourceFileError
 from facedetail.io import MANIFEST_NAME, atomic_directory, write_manifest
 from facedetail.io.hashing import params_hash, sha256_file
+from facedetail.io.images import encode_png
 from facedetail.io.lineage import ParentRef
 from facedetail.io.manifest import file_row
 from facedetail.io.seeds import derive_seed, item_rng
 from facedetail.io.tables import write_quarantine
 from facedetail.model.morphable import MorphableModel
 from facedetail.model.uvmap import rasterize_uv
-from facedetail.render.expression_set import encode_png
 from stages._common import (
     Stage,
     StageParams,

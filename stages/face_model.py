@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import cv2
 from pydantic import Field
 
 from facedetail.assets import verify_share
-from facedetail.errors import SourceFileError
-from facedetail.io import MANIFEST_NAME, atomic_directory, write_manifest
-from facedetail.io.hashing import params_hash
-from facedetail.io.lineage import ParentRef
+from facedetail.config import content_key, input_path
+from facedetail.io.images import encode_png
 from facedetail.io.manifest import file_row
+from facedetail.io.transaction import StageOutput
 from facedetail.model import load_model_source, source_files
-from facedetail.model.preview import render_preview
-from stages._common import Stage, StageParams, StageResult, hash_outputs, lineage_run, main, write_json
+from facedetail.render.preview import render_preview
+from stages._common import Input, Stage, StageParams, main
 
 NAME = "face_model"
-OUT_DIR = Path("data/face_model")
-METRICS = Path("metrics/face_model.json")
 
 
 class FaceModelParams(StageParams):
@@ -34,9 +30,9 @@ class FaceModelParams(StageParams):
 
     format: Literal["sfm", "bfm2017", "bfm2009"] = "sfm"
     """Source format: the Surrey model from eos's share folder, or the user's BFM 2017 / 2009 file."""
-    model_path: str = "data/external/eos-share/sfm_shape_3448.bin"
+    model_path: str = input_path("data/external/eos-share/sfm_shape_3448.bin")
     """The model file (``sfm_shape_3448.bin``, ``model2017-1_bfm_nomouth.h5`` or ``01_MorphableModel.mat``)."""
-    share_dir: str = "data/external/eos-share"
+    share_dir: str = input_path("data/external/eos-share")
     """eos ``share/`` folder with the iBUG landmark maps, contours and the Surrey blendshapes."""
     verify_checksums: bool = True
     """Check every eos share file the loader reads against facedetail's SHA256 list."""
@@ -50,44 +46,29 @@ class FaceModelParams(StageParams):
     """Standard deviations at which PCA expression components are shown (blendshapes use weight 1)."""
 
 
-def run(params: FaceModelParams, root: Path, parent: ParentRef | None = None) -> StageResult:
-    """Build ``data/face_model`` under ``root`` from the configured source."""
-    root = Path(root)
+def inputs(params: FaceModelParams) -> list[Input]:
+    """The source files the chosen format reads (model file, maps, contours, blendshapes)."""
+    share = Path(params.share_dir)
+    return [Input(p.as_posix(), remedy=_remedy(params.format))
+            for p in source_files(params.format, Path(params.model_path), share)]
+
+
+def build(params: FaceModelParams, root: Path, out: StageOutput) -> dict[str, Any]:
+    """Load the configured source and write ``model.npz`` and ``preview.png``."""
     share_dir = root / params.share_dir
-    inputs = source_files(params.format, root / params.model_path, share_dir)
-    for path in inputs:
-        if not path.is_file():
-            raise SourceFileError(path, "not found", _remedy(params.format))
-    lineage = lineage_run(NAME, params, inputs, root, parent=parent)
-    try:
-        if params.verify_checksums:
-            verify_share(share_dir, [p.name for p in inputs if p.parent == share_dir])
-        model = load_model_source(params.format, root / params.model_path, share_dir, params.albedo_components)
-        phash = params_hash(params.model_dump(mode="json"))
-        out_dir = root / OUT_DIR
-        with atomic_directory(out_dir) as tmp:
-            model.save(tmp / "model.npz")
-            preview = render_preview(model, params.preview_size, params.preview_max_expressions,
-                                     params.preview_pca_sigma)
-            ok, png = cv2.imencode(".png", preview[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 6])
-            if not ok:
-                raise RuntimeError("PNG encoding of the preview failed")
-            (tmp / "preview.png").write_bytes(png.tobytes())
-            rows = [
-                file_row(tmp, "model.npz", item_id="model", params_hash=phash, kind="morphable_model"),
-                file_row(tmp, "preview.png", item_id="preview", params_hash=phash, kind="preview"),
-            ]
-            write_manifest(tmp / MANIFEST_NAME, rows)
-            outputs = hash_outputs(tmp, out_dir, root)
-            record = lineage.record(outputs)
-            write_json(tmp / "lineage.json", record)
-        summary = {**model.summary(), "format": params.format, "model_bytes": rows[0]["bytes"]}
-        write_json(root / METRICS, summary)
-        lineage.complete_hashed(outputs)
-    except BaseException as err:
-        lineage.fail(err)
-        raise
-    return StageResult(NAME, out_dir, outputs, summary, record)
+    sources = source_files(params.format, root / params.model_path, share_dir)
+    if params.verify_checksums:
+        verify_share(share_dir, [p.name for p in sources if p.parent == share_dir])
+    model = load_model_source(params.format, root / params.model_path, share_dir, params.albedo_components)
+    key = content_key(params, {p.name: out.input_hash(p) for p in sources})
+    model.save(out.dir / "model.npz")
+    preview = render_preview(model, params.preview_size, params.preview_max_expressions, params.preview_pca_sigma)
+    (out.dir / "preview.png").write_bytes(encode_png(preview, 6))
+    rows = [file_row(out.dir, "model.npz", item_id="model", params_hash=key, kind="morphable_model"),
+            file_row(out.dir, "preview.png", item_id="preview", params_hash=key, kind="preview")]
+    out.write_manifest(rows)
+    out.metrics = {**model.summary(), "format": params.format, "model_bytes": rows[0]["bytes"]}
+    return out.metrics
 
 
 def _remedy(fmt: str) -> str:
@@ -96,7 +77,9 @@ def _remedy(fmt: str) -> str:
     return "Set face_model.model_path to your licensed Basel Face Model file and run `make assets` for the maps"
 
 
-STAGE = Stage(NAME, FaceModelParams, run)
+STAGE = Stage(NAME, FaceModelParams, build, inputs, headline=("vertices", "triangles", "expression_components"),
+              look_at=("preview.png",))
+run = STAGE.run
 
 if __name__ == "__main__":
     sys.exit(main(STAGE))

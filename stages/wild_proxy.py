@@ -32,6 +32,7 @@ from facedetail.features.landmarks import DetectorConfig
 from facedetail.io import MANIFEST_NAME, atomic_directory, write_manifest
 from facedetail.io.atomic import atomic_write_bytes
 from facedetail.io.hashing import params_hash, sha256_file
+from facedetail.io.images import encode_png
 from facedetail.io.lineage import ParentRef
 from facedetail.io.shards import build_shards, shard_tasks
 from facedetail.io.tables import write_quarantine, write_table
@@ -49,7 +50,6 @@ from facedetail.proxy.pipeline import (
     to_decoded,
 )
 from facedetail.proxy.texture import TextureConfig
-from facedetail.render.expression_set import encode_png
 from facedetail.render.faces import boundary_loops
 from facedetail.render.sheet import label_grid
 from stages._common import (

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from facedetail.errors import SourceFileError
 from facedetail.io import MANIFEST_NAME, atomic_directory, write_manifest
 from facedetail.io.hashing import params_hash, sha256_file
+from facedetail.io.images import encode_png
 from facedetail.io.lineage import ParentRef
 from facedetail.io.manifest import file_row
 from facedetail.io.seeds import derive_seed
@@ -49,7 +50,6 @@ from facedetail.proxy.synthetic import (
     bad_examples,
     item_id,
 )
-from facedetail.render.expression_set import encode_png
 from facedetail.render.sampling import SamplingConfig
 from facedetail.render.sheet import label_grid
 from stages._common import Stage, StageParams, StageResult, hash_outputs, lineage_run, main, manifest_hashes, write_json

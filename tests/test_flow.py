@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_repo, sh, shrink_params
+import yaml
+from conftest import ROOT, make_repo, sh, shrink_params
 
 from facedetail.io.hashing import sha256_file
 from facedetail.io.lineage import iter_events
@@ -29,23 +31,69 @@ def prefect_harness():
         yield
 
 
-def test_stage_order_follows_dvc_yaml() -> None:
+def _pipeline_repo(dest: Path, dvc_yaml: str, *, dvc: bool = True) -> Path:
+    """A folder holding only ``dvc_yaml`` and this project's ``params.yaml`` (git + ``dvc init`` if ``dvc``)."""
+    dest.mkdir(parents=True)
+    (dest / "dvc.yaml").write_text(dvc_yaml)
+    shutil.copy2(ROOT / "params.yaml", dest / "params.yaml")
+    if dvc:
+        sh(["git", "init", "-q", "-b", "main"], dest)
+        sh(["dvc", "init", "-q"], dest)
+        sh(["dvc", "config", "core.analytics", "false"], dest)
+    return dest
+
+
+def _dvc_dag_edges(repo: Path) -> set[tuple[str, str]]:
+    """(dependency, dependent) pairs as ``dvc dag --dot`` prints them."""
+    dot = sh(["dvc", "dag", "--dot"], repo).stdout
+    return set(re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, flags=re.MULTILINE))
+
+
+def test_stage_order_respects_every_dvc_dag_edge(tmp_path: Path) -> None:
+    """The real dvc.yaml with its stages in reverse order: the flow still runs them as ``dvc dag`` links them."""
     from flows.pipeline import stage_order
 
-    root = Path(__file__).resolve().parents[1]
-    assert stage_order(root / "dvc.yaml")[:2] == [("face_model", "stages.face_model"),
-                                                  ("render_expressions", "stages.render_expressions")]
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    file_order = list(reversed(spec["stages"]))
+    spec["stages"] = {name: spec["stages"][name] for name in file_order}
+    repo = _pipeline_repo(tmp_path / "reversed", yaml.safe_dump(spec, sort_keys=False))
+
+    order = stage_order(repo)
+    edges = _dvc_dag_edges(repo)
+    names = [name for name, _ in order]
+    assert sorted(names) == sorted(file_order)
+    assert order == [(name, f"stages.{name}") for name in names]
+    position = {name: i for i, name in enumerate(names)}
+    assert {n for edge in edges for n in edge} <= set(names)
+    broken = [(dep, user) for dep, user in sorted(edges) if position[dep] > position[user]]
+    assert not broken, f"the flow would run these stages before their dependencies: {broken}; order {names}"
+    file_position = {name: i for i, name in enumerate(file_order)}
+    assert any(file_position[dep] > file_position[user] for dep, user in edges), "test has no teeth"
 
 
-def test_stage_order_sorts_by_dependencies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dvc", [False, True], ids=["no-dvc-init", "dvc-init"])
+def test_stage_order_sorts_by_dependencies(tmp_path: Path, dvc: bool) -> None:
+    """Dependencies first (an out folder covers a dep file inside it); otherwise dvc.yaml order."""
     from flows.pipeline import stage_order
 
-    (tmp_path / "dvc.yaml").write_text(
+    repo = _pipeline_repo(tmp_path / "repo", (
         "stages:\n"
         "  b:\n    cmd: python -m stages.b\n    deps: [data/a/x.npz]\n    outs: [data/b]\n"
+        "  c:\n    cmd: python -m stages.c\n    outs: [data/c]\n"
         "  a:\n    cmd: python -m stages.a\n    outs: [data/a]\n"
-    )
-    assert [n for n, _ in stage_order(tmp_path / "dvc.yaml")] == ["a", "b"]
+    ), dvc=dvc)
+    assert stage_order(repo) == [("c", "stages.c"), ("a", "stages.a"), ("b", "stages.b")]
+
+
+def test_stage_order_refuses_other_commands_and_subfolders(tmp_path: Path) -> None:
+    from flows.pipeline import stage_order
+
+    repo = _pipeline_repo(tmp_path / "repo", "stages:\n  a:\n    cmd: python -m stages.a --fast\n    outs: [data/a]\n")
+    with pytest.raises(ValueError, match="cmd must be `python -m stages.<module>`"):
+        stage_order(repo)
+    (repo / "sub").mkdir()
+    with pytest.raises(ValueError, match="inside the DVC repository"):
+        stage_order(repo / "sub")
 
 
 def test_flow_matches_dvc_repro(prefect_harness, tmp_path: Path, eos_share: Path) -> None:

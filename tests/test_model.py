@@ -21,8 +21,8 @@ from facedetail.assets import packaged_checksums
 from facedetail.errors import SourceFileError
 from facedetail.model import SHARE_FILES, MorphableModel, load_model_source
 from facedetail.model.albedo import BASE_SKIN
-from facedetail.model.preview import render_preview
 from facedetail.model.sfm import read_blendshapes
+from facedetail.render.preview import render_preview
 
 SHARE = (Path(os.environ["FACEDETAIL_ASSET_MIRROR"]) if os.environ.get("FACEDETAIL_ASSET_MIRROR")
          else Path(__file__).resolve().parents[2] / "shared/assets/eos-share")

@@ -14,7 +14,7 @@ import scipy.io
 from facedetail.errors import SourceFileError
 from facedetail.model import SHARE_FILES, MorphableModel, load_model_source
 from facedetail.model.bfm import cylindrical_uv
-from facedetail.model.preview import preview_expressions
+from facedetail.render.preview import preview_expressions
 
 ROWS, COLS = 10, 10
 V = ROWS * COLS

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from facedetail.io.seeds import item_rng
+from facedetail.io.seeds import item_rng, truncated_normal
 from facedetail.model.anchors import landmark_anchors
 from facedetail.render.camera import Camera, euler_rotation, head_pose
 from facedetail.render.faces import FaceRenderer, MouthCavity, boundary_loops
@@ -17,7 +17,6 @@ from facedetail.render.sampling import (
     dominant_emotion,
     sample_expression,
     sample_render,
-    truncated_normal,
 )
 from facedetail.render.sh import directional_sh, sh_basis, shade
 

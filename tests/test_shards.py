@@ -101,3 +101,14 @@ def test_dead_worker_stops_the_run_and_keeps_finished_shards(tmp_path: Path) -> 
     assert "shard-00003" not in {t.name for t in finished}
     resumed = build_shards(tasks, tmp_path, "k", EchoWorker, workers=2)
     assert resumed.reused == len(finished) and resumed.built == len(tasks) - len(finished)
+
+
+def test_a_rerun_removes_the_temp_files_of_killed_shards(tmp_path: Path) -> None:
+    tasks = shard_tasks([f"i{k}" for k in range(4)], 2)
+    build_shards(tasks[:1], tmp_path, "k", EchoWorker)
+    # what a SIGKILL in the middle of writing shard 1 leaves: a hidden temporary tar, no record
+    (tmp_path / ".shard-00001.tar.tmp-abc123").write_bytes(b"half a tar")
+    report = build_shards(tasks, tmp_path, "k", EchoWorker)
+    assert (report.built, report.reused) == (1, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "shard-00000.done.json", "shard-00000.tar", "shard-00001.done.json", "shard-00001.tar"]

@@ -16,8 +16,8 @@ from facedetail.dictionary.screened_l1 import screen_backend
 from facedetail.features.emotion import FER_CLASSES
 from facedetail.features.faceset import CROP_EXT
 from facedetail.io.hashing import sha256_file
+from facedetail.io.images import decode_png
 from facedetail.io.shards import read_tar_samples
-from facedetail.render.expression_set import decode_png
 from stages import dictionary, emotion_net, render_expressions, render_faces
 
 

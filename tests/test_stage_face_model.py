@@ -55,7 +55,11 @@ def test_run_writes_model_preview_manifest_lineage(plain_root: Path) -> None:
     }
     events = list(iter_events(plain_root / "data/lineage/events.jsonl"))
     assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
-    assert events[1]["run"]["runId"] == lineage["run_id"] == events[0]["run"]["runId"]
+    # the run (id, times, host) is recorded beside the events, never inside the DVC out
+    run_record = json.loads((plain_root / "data/lineage/runs/face_model.json").read_text())
+    assert events[1]["run"]["runId"] == run_record["run_id"] == events[0]["run"]["runId"]
+    assert result.lineage == run_record and run_record["outputs"] == lineage["outputs"]
+    assert not {"run_id", "started", "ended", "host", "git_commit"} & set(lineage)
 
     metrics = json.loads((plain_root / "metrics/face_model.json").read_text())
     assert metrics["vertices"] == 3448 and metrics["format"] == "sfm"

@@ -18,8 +18,8 @@ import yaml
 from conftest import TINY_RENDER, tool_env
 
 from facedetail.io.hashing import sha256_bytes, sha256_file
+from facedetail.io.images import decode_png
 from facedetail.io.shards import iter_tar_shard
-from facedetail.render.expression_set import decode_png
 from stages import render_expressions as stage
 
 OUT = Path("data/render_expressions")

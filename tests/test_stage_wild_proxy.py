@@ -16,12 +16,12 @@ from conftest import TINY_FACES, TINY_PROXY, TINY_TRAIN
 from facedetail.errors import SourceFileError
 from facedetail.features.landmarks import DetectorConfig
 from facedetail.io.hashing import sha256_file
+from facedetail.io.images import decode_png
 from facedetail.io.shards import ShardTask, read_tar_samples
 from facedetail.proxy.fit import FitConfig
 from facedetail.proxy.inputs import LoadConfig, list_inputs
 from facedetail.proxy.pipeline import OK, TEXTURE_EXT, ProxyShardWorker, ProxySpec, fit_to_photo, photo_to_fit
 from facedetail.proxy.texture import TextureConfig
-from facedetail.render.expression_set import decode_png
 from stages import dictionary, emotion_net, render_expressions, render_faces, wild_proxy, wild_synth
 
 SYNTH = {"count": 6, "image_size": 192, "size_jitter": 0.1, "bad_examples": True, "contact_sheet": 6}

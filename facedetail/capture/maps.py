@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from facedetail.io.atomic import atomic_write_bytes
-from facedetail.render.expression_set import encode_png
+from facedetail.io.images import encode_png
 
 DISPLACEMENT = "displacement.npy"
 DISPLACEMENT_PNG = "displacement.png"

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
+from threadpoolctl import threadpool_limits
 
+from facedetail.capture.maps import load_item
+from facedetail.capture.process import proxy_maps
+from facedetail.capture.scan import CaptureItem, load_proxy, proxy_path, read_info
+from facedetail.model.morphable import MorphableModel
+from facedetail.model.uvmap import rasterize_uv
 from facedetail.render.camera import MODEL_TO_CAMERA, Camera
 from facedetail.render.offscreen import MeshRenderer
 from facedetail.render.sh import directional_sh, shade
@@ -102,3 +109,26 @@ def preview_sheet(items: Sequence[PreviewItem], scale_mm: float, tile: int = 256
                       normal_image(item.normals, tile), render_detailed(item, tile, renderer)]
             labels += [f"{item.label} D +-{scale_mm:g}mm", "normals", "P + D N"]
     return label_grid(tiles, labels, columns=3)
+
+
+def capture_preview(out_dir: Path, model_path: Path, captures: Path, ids: Sequence[str], resolution: int,
+                    scale_mm: float, tile: int) -> NDArray[np.uint8]:
+    """RGB preview sheet of items ``ids``, their maps read back from the output folder ``out_dir``.
+
+    ``out_dir`` holds ``maps/<id>/`` (as :func:`facedetail.capture.maps.load_item` reads it);
+    the proxies come from the capture items in ``captures``. One BLAS thread, as in the workers:
+    the proxy's vertices must round the same on every machine for the sheet (a DVC output) to be
+    byte-identical.
+    """
+    with threadpool_limits(1):
+        model = MorphableModel.load(model_path)
+        raster = rasterize_uv(model.uv, model.triangles, resolution)
+        shown = []
+        for item_id in ids:
+            item = CaptureItem(item_id, Path(captures) / item_id)
+            info = read_info(item)
+            proxy = load_proxy(proxy_path(item, info), model, info.proxy_units or info.units)
+            pm = proxy_maps(raster, model, proxy)
+            maps = load_item(out_dir, item_id)
+            shown.append(PreviewItem(item_id, maps.displacement, maps.mask, maps.normals, pm.positions, pm.normals))
+        return preview_sheet(shown, scale_mm, tile)

@@ -42,10 +42,9 @@ from facedetail.capture.synthetic import (
 )
 from facedetail.config import Config
 from facedetail.io.atomic import atomic_write_bytes, atomic_write_text
-from facedetail.io.seeds import derive_seed, item_rng
+from facedetail.io.seeds import derive_seed, item_rng, truncated_normal
 from facedetail.model.morphable import MorphableModel
 from facedetail.model.uvmap import UVRaster, mm_per_uv, rasterize_uv
-from facedetail.render.sampling import truncated_normal
 
 GROUND_TRUTH = "displacement_gt.npy"
 DETAILS = "details.json"

@@ -23,15 +23,15 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from facedetail.errors import SourceFileError
+from facedetail.errors import FacedetailError, SourceFileError
 from facedetail.features.align import CropConfig, Reference, aligned_crop
 from facedetail.features.emotion import FER_CLASSES
-from facedetail.features.faceset import CROP_EXT, HOLDOUT, TRAIN
+from facedetail.features.faceset import CROP_EXT, HOLDOUT, TRAIN, FaceFraming
 from facedetail.features.landmarks import LandmarkDetector
+from facedetail.io.images import decode_png
 from facedetail.io.manifest import MANIFEST_NAME
 from facedetail.io.seeds import in_holdout
 from facedetail.io.shards import read_tar_samples
-from facedetail.render.expression_set import decode_png
 
 _SYNONYMS = {
     "anger": "angry", "angry": "angry", "disgust": "disgust", "disgusted": "disgust", "fear": "fear",
@@ -41,6 +41,8 @@ _SYNONYMS = {
 AFFECTNET_IDS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
 """AffectNet's expression ids 0–7 (8–10 are none/uncertain/non-face)."""
 LabelScheme = Literal["names", "fer2013", "affectnet"]
+DatasetKind = Literal["renders", "fer2013", "images"]
+"""Which labelled set :func:`load_emotion_dataset` reads."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -206,3 +208,30 @@ def load_labelled_images(root: Path, pairs: list[tuple[str, str]], scheme: Label
         for seq, value in zip(out, values, strict=True):
             seq.append(value)
     return _samples(*out, quarantine, crop.size)
+
+
+def load_emotion_dataset(kind: DatasetKind, framing: FaceFraming, render_faces: Path, *,
+                         fer2013_csv: Path | None = None, images_root: Path | None = None,
+                         images_csv: Path | None = None, label_scheme: LabelScheme = "names",
+                         split_seed: int, holdout_fraction: float) -> tuple[EmotionSamples, list[Path]]:
+    """The chosen training set and the input paths it was read from (for lineage).
+
+    ``renders``: the crops in ``render_faces`` (their own split); ``fer2013``: ``fer2013_csv`` resized
+    to ``framing``'s crop size; ``images``: ``images_root`` listed by ``images_csv`` (or by label
+    folders), put through ``framing``'s detector and alignment and split by ``split_seed`` and
+    ``holdout_fraction`` (used by ``images`` only).
+    """
+    if kind == "renders":
+        return load_render_faces(render_faces), [render_faces]
+    if kind == "fer2013":
+        if fer2013_csv is None:
+            raise FacedetailError("dataset fer2013 needs fer2013_csv")
+        return load_fer2013(fer2013_csv, framing.crop.size), [fer2013_csv]
+    if kind != "images":
+        raise FacedetailError(f"unknown emotion dataset {kind!r}: renders, fer2013 or images")
+    if images_root is None:
+        raise FacedetailError("dataset images needs images_root")
+    pairs = labelled_image_list(images_root, images_csv)
+    samples = load_labelled_images(images_root, pairs, label_scheme, LandmarkDetector(framing.detector),
+                                   framing.reference, framing.crop, split_seed, holdout_fraction)
+    return samples, [images_root] + ([images_csv] if images_csv else [])

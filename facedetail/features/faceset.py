@@ -9,25 +9,31 @@ reach the emotion network or the dictionary, and the stage reports them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from facedetail.errors import SourceFileError
 from facedetail.features.align import CropConfig, Reference, aligned_crop
 from facedetail.features.landmarks import DetectorConfig, LandmarkDetector
 from facedetail.io.hashing import canonical_json, sha256_bytes
+from facedetail.io.images import decode_png, encode_png
+from facedetail.io.jsonfiles import read_json
 from facedetail.io.seeds import in_holdout
 from facedetail.io.shards import ShardTask, iter_tar_shard, write_tar_shard
+from facedetail.io.tables import reason_kind
 from facedetail.model.morphable import MorphableModel
-from facedetail.render.expression_set import decode_png, encode_png
 
 CROP_EXT = "crop.png"
 OK = "ok"
 QUARANTINED = "quarantined"
 TRAIN, HOLDOUT = "train", "holdout"
+FRAMING_FILE = "framing.json"
+"""The face framing written next to the render crops (:func:`load_framing` reads it)."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,7 @@ def _error_to_truth(landmarks: np.ndarray, meta: dict[str, Any]) -> float | None
 class FaceFraming:
     """Detector, crop and alignment reference: how a face becomes landmarks and a crop.
 
-    Written next to the render crops (``faceset.json``) and into the dictionary, so that a photo
+    Written next to the render crops (``framing.json``) and into the dictionary, so that a photo
     queried later goes through exactly the path the dictionary's renders went through.
     """
 
@@ -142,6 +148,14 @@ class FaceFraming:
     def from_json(cls, data: dict[str, Any]) -> FaceFraming:
         return cls(DetectorConfig(**data["detector"]), CropConfig(**data["crop"]),
                    Reference(np.array(data["reference"], dtype=np.float64)))
+
+
+def load_framing(faces_dir: Path) -> FaceFraming:
+    """The detector/crop/alignment the render crops in ``faces_dir`` were made with (its ``framing.json``)."""
+    path = Path(faces_dir) / FRAMING_FILE
+    if not path.is_file():
+        raise SourceFileError(path, "face framing not found", "Run `dvc repro render_faces` first")
+    return FaceFraming.from_json(read_json(path))
 
 
 @dataclass(frozen=True)
@@ -169,3 +183,36 @@ class FaceAligner:
         face = found.face
         crop = aligned_crop(image, face.landmarks, self.framing.reference, self.framing.crop)
         return AlignedFace(crop, face.landmarks, face.box, face.score)
+
+
+def render_shard_tasks(source: Sequence[Mapping[str, Any]]) -> list[ShardTask]:
+    """One task per render shard, named like it, holding its ids in order.
+
+    ``source`` rows are the render manifest's ``id`` and ``shard`` (``shards/shard-NNNNN.tar``); tasks
+    and ids are sorted so the face shards line up with the render shards whatever the row order.
+    """
+    by_shard: dict[str, list[str]] = {}
+    for row in source:
+        by_shard.setdefault(Path(row["shard"]).stem, []).append(row["id"])
+    return [ShardTask(name, tuple(sorted(ids))) for name, ids in sorted(by_shard.items())]
+
+
+def face_set_metrics(good: Sequence[Mapping[str, Any]], bad: Sequence[Mapping[str, Any]],
+                     params_hash: str) -> dict[str, Any]:
+    """Deterministic facts of a face set: detection rate, landmark error against the rendered ground truth.
+
+    ``good`` are the rows of faces found (status ``ok``), ``bad`` the quarantined ones (with a reason).
+    """
+    errors = np.array([r["landmark_error_px"] for r in good if r.get("landmark_error_px") is not None])
+    total = len(good) + len(bad)
+    return {
+        "renders": total,
+        "faces": len(good),
+        "detected_fraction": round(len(good) / total, 4),
+        "quarantine_reasons": dict(sorted(Counter(reason_kind(r["reason"]) for r in bad).items())),
+        "holdout_faces": sum(r["split"] == HOLDOUT for r in good),
+        "faces_per_label": dict(sorted(Counter(r["label"] for r in good).items())),
+        "landmark_error_px_median": round(float(np.median(errors)), 3) if errors.size else None,
+        "landmark_error_px_p90": round(float(np.percentile(errors, 90)), 3) if errors.size else None,
+        "params_hash": params_hash,
+    }

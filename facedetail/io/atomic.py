@@ -87,6 +87,24 @@ def remove_stale_temps(final: Path | str) -> list[Path]:
     return removed
 
 
+def remove_temp_files(folder: Path | str) -> list[Path]:
+    """Remove every temporary sibling (``.NAME.tmp-*``) that killed writes left directly in ``folder``.
+
+    Only for a folder that one run owns at a time (a stage's work folder): a temporary file of a
+    write still in progress elsewhere would be removed too.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = sorted(p for p in folder.glob(f".*{_TMP_MARK}*"))
+    for stale in removed:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path | str) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces ``final`` as a whole.

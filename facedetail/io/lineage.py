@@ -4,8 +4,11 @@ Each stage run emits a START event and then a COMPLETE (or FAIL) event, appended
 JSON-lines file through openlineage-python's file transport. Inputs and outputs are
 datasets named by their path relative to the repository root and versioned by SHA256, so
 "what produced this file?" is answered by matching a file's hash against the outputs of
-COMPLETE events (see :func:`find_producer`). The same record is also returned as a plain
-dict for the stage to store next to its outputs (``lineage.json``).
+COMPLETE events (see :func:`find_producer`). The run is also returned as a plain dict
+(:meth:`LineageRun.record`: run id, times, host, git, packages), which the output transaction
+keeps outside the outputs, and the part of it that the content depends on
+(:meth:`LineageRun.content_record`: parameters, seed, input and output hashes), which it stores in
+the output folder as ``lineage.json``: equal content, equal bytes.
 """
 
 from __future__ import annotations
@@ -111,7 +114,8 @@ def _utcnow() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _relname(path: Path, root: Path) -> str:
+def relative_name(path: Path, root: Path) -> str:
+    """The dataset name of ``path``: relative to ``root`` when inside it, else absolute."""
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
@@ -229,7 +233,7 @@ class LineageRun:
     def start(self) -> LineageRun:
         """Hash the inputs and emit START."""
         self.input_hashes = {
-            _relname(f, self.root): sha256_file(f) for f in expand_files([Path(p) for p in self.inputs])
+            relative_name(f, self.root): sha256_file(f) for f in expand_files([Path(p) for p in self.inputs])
         }
         self._emit(RunState.START)
         return self
@@ -252,6 +256,17 @@ class LineageRun:
         """Emit FAIL with the error message."""
         self._emit(RunState.FAIL, error=error)
 
+    def content_record(self, output_hashes: Mapping[str, str]) -> dict[str, Any]:
+        """What the outputs were made from: the same for every run that makes the same outputs."""
+        return {
+            "stage": self.stage,
+            "params": dict(self.params),
+            "params_hash": params_hash(self.params),
+            "seed": self.seed,
+            "inputs": dict(sorted(self.input_hashes.items())),
+            "outputs": dict(sorted(output_hashes.items())),
+        }
+
     def record(self, output_hashes: Mapping[str, str]) -> dict[str, Any]:
         """The run as one plain, JSON-serializable dict."""
         return {
@@ -270,7 +285,7 @@ class LineageRun:
             "python": self._python,
             "host": self._host,
             "parent": None if self.parent is None else vars(self.parent),
-            "events_file": _relname(self.events_file, self.root),
+            "events_file": relative_name(self.events_file, self.root),
         }
 
 

@@ -9,7 +9,7 @@ user and group, mode 0644) and samples in item order, so equal samples give equa
 per-shard completion record (sha256 of the tar, the key of the inputs that made it, the
 manifest rows) in a work folder. A rerun after a kill re-uses every shard whose record
 exists, whose key matches and whose tar still has the recorded sha256; anything else is
-built again. A tar without a record is never counted: the record is written after the tar
+built again, and the temporary files of shards that were being written are removed. A tar without a record is never counted: the record is written after the tar
 is complete and renamed into place.
 """
 
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from facedetail.errors import InterruptedRunError
-from facedetail.io.atomic import atomic_file, atomic_write_text
+from facedetail.io.atomic import atomic_file, atomic_write_text, remove_temp_files
 from facedetail.io.hashing import canonical_json, sha256_file
 
 SHARD_SUFFIX = ".tar"
@@ -154,6 +154,7 @@ def build_shards(tasks: Sequence[ShardTask], work_dir: Path, key: str, worker_fa
     """
     start = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(work_dir)  # half-written shards of a killed run
     done: dict[str, ShardRecord] = {}
     for task in tasks:
         record = completed_record(work_dir, task, key)

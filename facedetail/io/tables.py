@@ -1,16 +1,17 @@
-"""Small Parquet tables shared by stages: the quarantine table of rejected inputs."""
+"""Small tables shared by stages: deterministic Parquet, the quarantine table of rejected inputs, CSV for plots."""
 
 from __future__ import annotations
 
+import csv
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from facedetail.io.atomic import atomic_write_bytes
+from facedetail.io.atomic import atomic_write_bytes, atomic_write_text
 
 QUARANTINE_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -38,3 +39,25 @@ def write_quarantine(path: Path | str, rows: Sequence[Mapping[str, Any]]) -> Pat
         "reason": [r.get("reason") or "unknown" for r in ordered],
     }, schema=QUARANTINE_SCHEMA)
     return write_table(path, table)
+
+
+def reason_kind(reason: str | None) -> str:
+    """The counted kind of a quarantine reason: its text before the first colon, stripped ("unknown" if none).
+
+    ``"no face: score 0.1"`` and ``"no face: too small"`` are both ``"no face"``, so metrics count
+    kinds of failure rather than one entry per distinct message.
+    """
+    return (reason or "unknown").split(":")[0].strip()
+
+
+def write_csv(path: Path | str, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """CSV with a header row of ``fields`` then ``rows`` in the given order, atomically.
+
+    ``"\n"`` line endings (not the csv module's ``"\r\n"``) so equal rows give equal bytes on every
+    platform and diff cleanly; a row key not in ``fields`` is an error, a missing one is written empty.
+    """
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

@@ -31,6 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike, NDArray
 
+from facedetail.errors import SourceFileError
 from facedetail.io.atomic import atomic_write_bytes
 
 ExpressionKind = Literal["pca", "blendshapes", "none"]
@@ -282,17 +283,27 @@ class MorphableModel:
 
     @classmethod
     def load(cls, path: Path | str) -> MorphableModel:
-        """Read a model written by :meth:`save`."""
-        with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"{path}: unsupported model format version {meta.get('format_version')}")
-            arrays = {name: npz[name] for name in cls._ARRAYS}
-        return cls(
-            name=meta["name"], expression_kind=meta["expression_kind"],
-            expression_names=tuple(meta["expression_names"]), albedo_names=tuple(meta["albedo_names"]),
-            units=meta["units"], provenance=meta["provenance"], **arrays,
-        )
+        """Read a model written by :meth:`save`; a file that is not one is a :class:`SourceFileError`."""
+        remedy = "Point it at the model.npz that the face_model stage writes (`dvc repro face_model`)"
+        if not Path(path).is_file():
+            raise SourceFileError(path, "morphable model not found", remedy)
+        try:
+            if not zipfile.is_zipfile(path):
+                raise SourceFileError(path, "not a facedetail morphable model (not an .npz archive)", remedy)
+            with np.load(path, allow_pickle=False) as npz:
+                meta = json.loads(str(npz["meta"]))
+                if meta.get("format_version") != FORMAT_VERSION:
+                    raise SourceFileError(path, f"unsupported model format version {meta.get('format_version')}",
+                                          remedy)
+                arrays = {name: npz[name] for name in cls._ARRAYS}
+            return cls(
+                name=meta["name"], expression_kind=meta["expression_kind"],
+                expression_names=tuple(meta["expression_names"]), albedo_names=tuple(meta["albedo_names"]),
+                units=meta["units"], provenance=meta["provenance"], **arrays,
+            )
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as err:
+            raise SourceFileError(path, f"not a facedetail morphable model ({type(err).__name__}: "
+                                  f"{' '.join(str(err).split())[:120]})", remedy) from None
 
     def summary(self) -> dict[str, Any]:
         """Sizes and kinds, for metrics files and manifests."""

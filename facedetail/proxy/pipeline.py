@@ -20,12 +20,12 @@ import pyarrow as pa
 from facedetail.dictionary.prior import ExpressionDictionary
 from facedetail.features.landmarks import DetectorConfig, LandmarkDetector
 from facedetail.io.hashing import canonical_json, sha256_bytes
+from facedetail.io.images import encode_png
 from facedetail.io.shards import ShardTask, write_tar_shard
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.fit import FitConfig, ProxyFitter
 from facedetail.proxy.inputs import InputItem, LoadConfig, LoadedPhoto, LoadFailure, load_photo
 from facedetail.proxy.texture import TextureConfig, UVTexels, unwrap
-from facedetail.render.expression_set import encode_png
 
 OK = "ok"
 QUARANTINED = "quarantined"

@@ -46,10 +46,10 @@ from pydantic import Field, model_validator
 
 from facedetail.config import Config
 from facedetail.features.landmarks import NO_FACE
+from facedetail.io.images import encode_png as render_png
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy import inputs
 from facedetail.render.camera import Camera
-from facedetail.render.expression_set import encode_png as render_png
 from facedetail.render.faces import FaceRenderer, RenderedFace, background, composite
 from facedetail.render.sampling import (
     CameraSampling,

@@ -16,7 +16,8 @@ items can be rendered in any order, by any worker, and a longer set starts with 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,18 @@ import cv2
 import numpy as np
 
 from facedetail.io.hashing import canonical_json, sha256_bytes
+from facedetail.io.images import decode_png, encode_png
 from facedetail.io.seeds import derive_seed
-from facedetail.io.shards import ShardTask, write_tar_shard
+from facedetail.io.shards import ShardTask, read_tar_samples, write_tar_shard
 from facedetail.model.morphable import MorphableModel
 from facedetail.render.faces import FaceRenderer, RenderedFace
-from facedetail.render.sampling import RenderSample, SamplingConfig, sample_render
+from facedetail.render.sampling import (
+    RenderSample,
+    SamplingConfig,
+    expression_distribution,
+    label_names,
+    sample_render,
+)
 from facedetail.render.sheet import label_grid
 
 ID_PREFIX = "expr"
@@ -39,33 +47,6 @@ ID_DIGITS = 7
 def item_id(index: int) -> str:
     """Id of the ``index``-th item (fixed width, so ids sort like indices up to 10 million)."""
     return f"{ID_PREFIX}-{index:0{ID_DIGITS}d}"
-
-
-def encode_png(image: np.ndarray, compression: int) -> bytes:
-    """PNG bytes of an RGB (H, W, 3), RGBA (H, W, 4) or grey (H, W) uint8/uint16 image; OpenCV writes no timestamps."""
-    if image.ndim == 3 and image.shape[2] == 4:
-        bgr = image[..., [2, 1, 0, 3]]
-    else:
-        bgr = image[..., ::-1] if image.ndim == 3 else image
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, compression])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def decode_png(data: bytes, grey: bool = False, alpha: bool = False) -> np.ndarray:
-    """RGB (H, W, 3), RGBA (H, W, 4) with ``alpha`` (of a 4-channel PNG), or grey (H, W) uint8 image."""
-    flag = cv2.IMREAD_GRAYSCALE if grey else (cv2.IMREAD_UNCHANGED if alpha else cv2.IMREAD_COLOR)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    if image is None:
-        raise ValueError("not a decodable image")
-    if grey:
-        return image
-    if alpha:
-        if image.ndim != 3 or image.shape[2] != 4:
-            raise ValueError(f"expected an RGBA PNG, got shape {image.shape}")
-        return image[..., [2, 1, 0, 3]]
-    return image[..., ::-1]
 
 
 def item_record(sample: RenderSample, face: RenderedFace) -> dict[str, Any]:
@@ -178,3 +159,41 @@ def contact_sheet(samples: Sequence[dict[str, bytes]], tile: int = 128, columns:
         strongest = max(record["beta"], default=0.0)
         labels.append(f"{record['label']} {strongest:.2f}")
     return label_grid(tiles, labels, columns)
+
+
+def read_contact_sheet(out_dir: Path, rows: Sequence[Mapping[str, Any]], n: int) -> np.ndarray:
+    """The :func:`contact_sheet` of ``n`` items spread over a set, read from its shards in ``out_dir``.
+
+    ``rows`` are the set's manifest rows (``id`` and ``shard``, relative to ``out_dir``), in item order;
+    only the shards holding a wanted item are opened.
+    """
+    wanted = set(contact_sheet_ids(len(rows), n))
+    shards = sorted({r["shard"] for r in rows if r["id"] in wanted})
+    samples = [s for shard in shards for s in read_tar_samples(Path(out_dir) / shard, wanted)]
+    return contact_sheet(samples)
+
+
+def expression_set_metrics(rows: Sequence[Mapping[str, Any]], model: MorphableModel, sampling: SamplingConfig,
+                           item_hash: str) -> dict[str, Any]:
+    """Deterministic facts about the set (no timings: equal outputs give equal metrics).
+
+    ``rows`` are the manifest rows (label, beta, landmark_visible, mask_fraction, bytes, shard).
+    """
+    labels = Counter(r["label"] for r in rows)
+    beta = np.array([r["beta"] for r in rows], np.float64).reshape(len(rows), -1)
+    visible = np.array([r["landmark_visible"] for r in rows], bool)
+    names = model.expression_names
+    return {
+        "images": len(rows),
+        "shards": len({r["shard"] for r in rows}),
+        "params_hash": item_hash,
+        "expression_distribution": expression_distribution(sampling.expression, model),
+        "label_counts": {name: labels.get(name, 0) for name in label_names(model)},
+        "beta_mean": {n: round(float(v), 4) for n, v in zip(names, beta.mean(0), strict=True)},
+        "beta_std": {n: round(float(v), 4) for n, v in zip(names, beta.std(0), strict=True)},
+        "beta_min": round(float(beta.min()), 4) if beta.size else None,
+        "beta_max": round(float(beta.max()), 4) if beta.size else None,
+        "landmarks_visible_fraction": round(float(visible.mean()), 4),
+        "mask_fraction_mean": round(float(np.mean([r["mask_fraction"] for r in rows])), 4),
+        "png_bytes_mean": round(float(np.mean([r["bytes"] for r in rows])), 1),
+    }

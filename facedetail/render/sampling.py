@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from facedetail.config import Config
+from facedetail.io.seeds import truncated_normal
 from facedetail.model.morphable import MorphableModel
 from facedetail.render.sh import directional_sh
 
@@ -197,19 +198,6 @@ class RenderSample:
             "background_angle_deg": self.background_angle_deg, "background_seed": self.background_seed,
             "label": self.label,
         }
-
-
-def truncated_normal(rng: np.random.Generator, size: int | tuple[int, ...], bound: float,
-                     sigma: float = 1.0) -> np.ndarray:
-    """N(0, sigma²) truncated to [-bound, bound] (absolute units), by rejection."""
-    if bound <= 0 or sigma == 0:
-        return np.zeros(size)
-    out = rng.standard_normal(size) * sigma
-    bad = np.abs(out) > bound
-    while bad.any():
-        out[bad] = rng.standard_normal(int(bad.sum())) * sigma
-        bad = np.abs(out) > bound
-    return out
 
 
 def expression_distribution(config: ExpressionSampling, model: MorphableModel) -> str:
