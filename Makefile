@@ -49,13 +49,7 @@ assets: setup
 
 demo: assets
 	dvc repro
-	@echo "outputs: data/face_model (model.npz, preview.png), data/render_expressions (shards, contact_sheet.png),"
-	@echo "data/render_faces (landmarks, crops), data/emotion_net (model.pt), data/dictionary (index.faiss, ...),"
-	@echo "data/wild_synth (synthetic wild photos, truth.parquet), data/wild_proxy (proxies.parquet, UV textures,"
-	@echo "quarantine.parquet, contact_sheet.png), data/capture_synth (synthetic scan pairs), data/capture_gt"
-	@echo "(UV displacement maps in mm, masks, normals, preview.png);"
-	@echo "try: .venv/bin/facedetail prior <photo>; metrics:"
-	@dvc metrics show
+	@$(PY) -m flows.summary
 
 test: assets
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -1,7 +1,7 @@
 """Benchmark: the batched proxy fitter against eos-py's per-image fitter, and wild_proxy end to end.
 
     python bench/proxy.py [--faces 2000] [--eos-faces 200] [--photos data/wild_synth/images] [--repeat 4]
-                          [--model data/face_model/model.npz] [--share ../shared/assets/eos-share]
+                          [--model data/face_model/model.npz] [--share data/external/eos-share]
 
 1. Fitting only: the same landmarks (exact 2-D landmarks of random Surrey-model faces, random
    pose up to ±40° yaw, plus 1 px noise) go to our ``ProxyFitter`` (batches of 256, β fixed as
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--faces", type=int, default=2000)
     parser.add_argument("--eos-faces", type=int, default=200)
     parser.add_argument("--model", type=Path, default=Path("data/face_model/model.npz"))
-    parser.add_argument("--share", type=Path, default=Path("../shared/assets/eos-share"))
+    parser.add_argument("--share", type=Path, default=Path("data/external/eos-share"))
     parser.add_argument("--dictionary", type=Path, default=Path("data/dictionary"))
     parser.add_argument("--photos", type=Path, default=Path("data/wild_synth/images"))
     parser.add_argument("--repeat", type=int, default=4, help="times each photo is processed end to end")

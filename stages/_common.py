@@ -66,13 +66,15 @@ class Input:
     check: Callable[[Path], object] | None = None
     """Opens the input (e.g. a model file) so that bad content fails here, in one line, not in a worker."""
     lineage: bool = True
-    """Hash it into the lineage record (False for a file read only for a comparison)."""
+    """Hash it into the lineage record (False for a file only checked, e.g. inside an input folder)."""
+    what: str = "input"
+    """What it is, for the message (``morphable model not found``)."""
 
     def resolve(self, root: Path) -> Path:
         """The checked path: a missing or unreadable input is a :class:`SourceFileError`."""
         path = root / self.path
         if not path.exists():
-            raise SourceFileError(path, "input not found",
+            raise SourceFileError(path, f"{self.what} not found",
                                   self.remedy or f"Run `dvc repro {self.made_by}` first (or fix the path)")
         if self.check is not None:
             self.check(path)
@@ -83,7 +85,7 @@ def model_input(path: str) -> Input:
     """The morphable model written by ``face_model``, opened before the run so a non-model fails at once."""
     from facedetail.model.morphable import MorphableModel
 
-    return Input(path, "face_model", check=MorphableModel.load)
+    return Input(path, "face_model", check=MorphableModel.load, what="morphable model")
 
 
 @dataclass(frozen=True)

@@ -101,12 +101,20 @@ TINY_FACES = {**TINY_RENDER, "count": 12, "shard_size": 6, "image_size": 192}
 TINY_PROXY = {"workers": 1, "shard_size": 4, "eos_compare_max": 3, "sheet_faces": 4, "texture": {"resolution": 64}}
 
 
+def _merge(into: dict, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def set_params(repo: Path, section: str, **values: object) -> None:
-    """Update one section of ``repo/params.yaml``."""
+    """Update one section of ``repo/params.yaml`` (nested mappings are merged, not replaced)."""
     import yaml
 
     data = yaml.safe_load((repo / "params.yaml").read_text())
-    data[section].update(values)
+    _merge(data[section], values)
     (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
@@ -118,13 +126,15 @@ def shrink_params(repo: Path) -> None:
     set_params(repo, "emotion_net", train={**TINY_TRAIN})
     set_params(repo, "capture_synth", **TINY_CAPTURE_SYNTH)
     set_params(repo, "capture_gt", **TINY_CAPTURE_GT)
-    set_params(repo, "wild_synth", count=6, image_size=192, size_jitter=0.1, bad_examples=False, contact_sheet=6)
+    set_params(repo, "wild_synth", count=6, synth={"image_size": 192, "size_jitter": 0.1}, bad_examples=False,
+               contact_sheet=6)
     set_params(repo, "wild_proxy", **TINY_PROXY)
 
 
 # Capture stages (issue 6): one subject x 3 expressions at 192² (1.2 mm texels) from coarse scans
 # (1.2 mm edges), with wrinkles and pores widened so that both sample them.
-TINY_CAPTURE_SYNTH = {"subjects": 1, "resolution": 192, "workers": 1, "scan": {"edge_mm": 1.2},
-                      "details": {"wrinkle_width_mm": 1.5, "fold_width_mm": 2.5, "pore_wavelength_mm": [4.0, 8.0]}}
-TINY_CAPTURE_GT = {"resolution": 192, "workers": 1, "preview_items": 2, "preview_tile": 128,
+TINY_SYNTH_SET = {"resolution": 192, "scan": {"edge_mm": 1.2},
+                  "details": {"wrinkle_width_mm": 1.5, "fold_width_mm": 2.5, "pore_wavelength_mm": [4.0, 8.0]}}
+TINY_CAPTURE_SYNTH = {"subjects": 1, "workers": 1, "synth": TINY_SYNTH_SET}
+TINY_CAPTURE_GT = {"workers": 1, "preview_items": 2, "preview_tile": 128, "process": {"resolution": 192},
                    "patches": {"size": 32, "stride": 16, "overlap": 16}}

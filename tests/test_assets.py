@@ -16,8 +16,9 @@ def test_packaged_sums_match_the_shared_list(eos_share: Path) -> None:
     sums = packaged_checksums()
     assert len(sums) == 13
     shared = eos_share / "SHA256SUMS"
-    if shared.is_file():
-        assert parse_checksums(shared.read_text()) == sums
+    if not shared.is_file():
+        pytest.skip(f"{shared} is absent: there is no published list to compare the packaged sums with")
+    assert parse_checksums(shared.read_text()) == sums
 
 
 def test_fetch_from_mirror_then_idempotent(tmp_path: Path, eos_share: Path) -> None:

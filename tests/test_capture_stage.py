@@ -76,7 +76,7 @@ def test_maps_manifest_and_png_scale(built: Path) -> None:
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert verify_manifest(out) == []
     assert (out / "lineage.json").is_file() and (out / "preview.png").is_file()
-    R = TINY_CAPTURE_GT["resolution"]
+    R = TINY_CAPTURE_GT["process"]["resolution"]
     model = MorphableModel.load(built / "data/face_model/model.npz")
     chart = int(rasterize_uv(model.uv, model.triangles, R).covered.sum())
     rows = {r["id"]: r for r in manifest}
@@ -110,7 +110,7 @@ def test_accuracy_metrics(built: Path) -> None:
     # Bound derived in test_capture_synth.test_extraction_matches_the_analytic_displacement.
     assert accuracy["mae_mm_max"] < 0.8 * 0.01 + 0.005
     assert accuracy["relative_mae"] < 0.5
-    assert metrics["ray_backend"] == ["embree"] and metrics["resolution"] == TINY_CAPTURE_GT["resolution"]
+    assert metrics["ray_backend"] == ["embree"] and metrics["resolution"] == TINY_CAPTURE_GT["process"]["resolution"]
     assert metrics["patches"]["total"]["upper"] > 0 and metrics["patches"]["total"]["lower"] > 0
     synth = json.loads((built / "metrics/capture_synth.json").read_text())
     assert synth["items"] == 3 and synth["bad_examples"] == len(BAD_KINDS)
@@ -144,13 +144,14 @@ def test_dvc_repro_of_the_capture_stages(repo: Path) -> None:
     assert "render_expressions" not in lock, "capture_gt depends on the face model only"
     deps = {d["path"] for d in lock["capture_gt"]["deps"]}
     assert {"data/capture_synth", "data/face_model/model.npz", "stages/capture_gt.py", "facedetail/capture"} <= deps
-    assert lock["capture_gt"]["params"]["params.yaml"]["capture_gt"]["resolution"] == TINY_CAPTURE_GT["resolution"]
+    locked = lock["capture_gt"]["params"]["params.yaml"]["capture_gt"]
+    assert locked["process"]["resolution"] == TINY_CAPTURE_GT["process"]["resolution"]
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert "mae_mm_mean" in json.dumps(shown)
     assert "up to date" in sh(["dvc", "status", "capture_gt"], repo).stdout
     # A capture_gt parameter re-runs capture_gt only.
     data = yaml.safe_load((repo / "params.yaml").read_text())
-    data["capture_gt"]["png_scale_mm"] = 3.0
+    data["capture_gt"]["process"]["png_scale_mm"] = 3.0
     (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     out = sh(["dvc", "repro", "capture_gt"], repo).stdout
     assert "Running stage 'capture_gt'" in out and "Running stage 'capture_synth'" not in out

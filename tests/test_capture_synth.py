@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_CAPTURE_SYNTH
+from conftest import TINY_SYNTH_SET
 
 from facedetail.capture.extract import highpass
 from facedetail.capture.process import CaptureConfig, compare_to_ground_truth, process_capture
@@ -18,9 +18,9 @@ from facedetail.capture.synthset import GROUND_TRUTH, SyntheticSetConfig, Synthe
 from facedetail.io.hashing import sha256_file
 from facedetail.model.uvmap import rasterize_uv
 
-R = TINY_CAPTURE_SYNTH["resolution"]
-CONFIG = SyntheticSetConfig(resolution=R, scan=ScanConfig(**TINY_CAPTURE_SYNTH["scan"]),
-                            details=DetailConfig(**TINY_CAPTURE_SYNTH["details"]))
+R = TINY_SYNTH_SET["resolution"]
+CONFIG = SyntheticSetConfig(resolution=R, scan=ScanConfig(**TINY_SYNTH_SET["scan"]),
+                            details=DetailConfig(**TINY_SYNTH_SET["details"]))
 
 
 @pytest.fixture(scope="module")

@@ -441,8 +441,16 @@ def test_verify_manifest_detects_changed_and_missing_files(tmp_path):
     assert verify_manifest(tmp_path, read_manifest(tmp_path / MANIFEST_NAME)) == ["b", "c"]
 
 
-def test_base_schema_column_order():
-    assert BASE_SCHEMA.names == BASE_COLUMNS
+def test_manifest_keeps_the_base_columns_first_and_refuses_rows_without_a_hash(tmp_path):
+    """Readers outside the project rely on the base columns' order and on id/sha256/bytes never being null."""
+    rows = [{"score": 1.0, "bytes": 3, "params_hash": "k", "sha256": "ab", "path": "x", "id": "x"}]
+    table = read_manifest(write_manifest(tmp_path / "m.parquet", rows))
+    assert table.column_names[:len(BASE_COLUMNS)] == BASE_COLUMNS
+    assert [table.schema.field(n).nullable for n in ("id", "sha256", "bytes", "params_hash")] == [False] * 4
+    assert table.schema.field("seed").type == BASE_SCHEMA.field("seed").type
+    with pytest.raises(Exception, match="non-nullable"):
+        write_manifest(tmp_path / "bad.parquet", [{**rows[0], "sha256": None}])
+    assert not (tmp_path / "bad.parquet").exists()
 
 
 # --------------------------------------------------------------------------- lineage

@@ -466,11 +466,18 @@ def test_validate_rejects_inconsistent_arrays(sfm: MorphableModel, field: str, m
         dataclasses.replace(sfm, **{field: bad})
 
 
-def test_validate_accepts_the_loaded_model(sfm: MorphableModel) -> None:
-    sfm.validate()
-    copy = dataclasses.replace(sfm, name="copy")
-    assert copy.name == "copy"
-    np.testing.assert_array_equal(copy.vertices([1.0]), sfm.vertices([1.0]))
+@pytest.mark.parametrize("change, message", [
+    (lambda m: {"triangles": np.where(m.triangles == 0, m.n_vertices, m.triangles)}, "triangle indices out of range"),
+    (lambda m: {"uv": m.uv + 1.5}, "uv outside"),
+    (lambda m: {"shape_std": m.shape_std[:-1]}, "shape_std must be"),
+    (lambda m: {"landmark_vertices": m.landmark_vertices[:60]}, "68 rows"),
+    (lambda m: {"mean": np.where(np.arange(m.n_vertices)[:, None] == 7, np.nan, m.mean)}, "non-finite"),
+    (lambda m: {"expression_names": m.expression_names[:-1]}, "expression_names must have"),
+])
+def test_validate_names_the_broken_array(sfm: MorphableModel, change, message: str) -> None:
+    sfm.validate()  # the loaded model is consistent ...
+    with pytest.raises(ValueError, match=message):  # ... and each kind of damage is caught, by name
+        dataclasses.replace(sfm, **change(sfm))
 
 
 def test_expression_kind_none_needs_no_components(sfm: MorphableModel) -> None:

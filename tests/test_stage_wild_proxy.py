@@ -24,7 +24,7 @@ from facedetail.proxy.pipeline import OK, TEXTURE_EXT, ProxyShardWorker, ProxySp
 from facedetail.proxy.texture import TextureConfig
 from stages import dictionary, emotion_net, render_expressions, render_faces, wild_proxy, wild_synth
 
-SYNTH = {"count": 6, "image_size": 192, "size_jitter": 0.1, "bad_examples": True, "contact_sheet": 6}
+SYNTH = {"count": 6, "synth": {"image_size": 192, "size_jitter": 0.1}, "bad_examples": True, "contact_sheet": 6}
 
 
 def _files(out: Path) -> dict[str, str]:

@@ -25,7 +25,7 @@ from facedetail.render.sampling import label_names
 from stages import wild_synth as stage
 
 OUT = Path("data/wild_synth")
-TINY = {"count": 6, "image_size": 192, "size_jitter": 0.1, "contact_sheet": 6}
+TINY = {"count": 6, "synth": {"image_size": 192, "size_jitter": 0.1}, "contact_sheet": 6}
 BAD = ("cmyk.jpg", "empty.jpg", "exif_rotated.jpg", "grayscale.png", "huge_15000.png", "large_6000.jpg",
        "no_face.jpg", "not_an_image.png", "palette.png", "rgba.png", "sixteen_bit.png", "tiny.png", "truncated.jpg")
 
@@ -78,7 +78,7 @@ def test_outputs_manifest_and_tables(built: Path, model_npz: Path) -> None:
     truth = table.to_pylist()
     assert [r["id"] for r in truth] == ids and [r["file"] for r in truth] == [f"{i}.jpg" for i in ids]
     model = MorphableModel.load(model_npz)
-    lo, hi = WildSynthConfig(image_size=TINY["image_size"], size_jitter=TINY["size_jitter"]).size_range
+    lo, hi = WildSynthConfig(**TINY["synth"]).size_range
     for row in truth:
         with Image.open(out / "images" / row["file"]) as img:
             assert img.format == "JPEG" and img.size == (row["width"], row["height"]) and img.mode == "RGB"

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -246,3 +248,27 @@ class SyntheticSetWriter:
         atomic_write_text(folder / CAPTURE_FILE, json.dumps(info, sort_keys=True, indent=1) + "\n")
         return {"id": task.id, "seed": derive_seed(cfg.seed, self.stage, task.id),
                 "files": [f"{task.id}/{f}" for f in sorted(files)], "facts": {"bad_example": task.bad}}
+
+
+def synthetic_set_metrics(results: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], *, subjects: int,
+                          expressions: Sequence[str], resolution: int, key: str) -> dict[str, Any]:
+    """Deterministic facts about a written set, from the writer's results and the manifest rows of its files."""
+    good = [r for r in results if "bad_example" not in r["facts"]]
+    by_expression: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in good:
+        by_expression[r["id"].split("/", 1)[1]].append(r["facts"])
+    return {
+        "items": len(good),
+        "subjects": subjects,
+        "expressions": list(expressions),
+        "bad_examples": len(results) - len(good),
+        "resolution": resolution,
+        "scan_faces_mean": int(np.mean([r["facts"]["scan_faces"] for r in good])),
+        "megabytes": round(sum(r["bytes"] for r in rows) / 1e6, 2),
+        "per_expression": {
+            name: {"gt_mean_abs_mm": round(float(np.mean([f["gt_mean_abs_mm"] for f in facts])), 5),
+                   "strengths": {k: round(v, 4) for k, v in facts[0]["strengths"].items()}}
+            for name, facts in sorted(by_expression.items())
+        },
+        "params_hash": key,
+    }

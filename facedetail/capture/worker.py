@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -132,7 +132,7 @@ def map_path(item_id: str, name: str) -> str:
 
 
 class ItemWorker(Protocol):
-    """Processes one item, writing its files into ``folder``; returns a JSON-able result (see :class:`CaptureWorker`)."""
+    """Processes one item, writing its files into ``folder``; returns a JSON-able result (as :class:`CaptureWorker`)."""
 
     def __call__(self, item: CaptureItem, folder: Path) -> dict[str, Any]: ...
 
@@ -165,10 +165,11 @@ def input_digest(item: CaptureItem) -> str:
     return sha256_bytes(canonical_json(files).encode("utf-8"))
 
 
-def completed_item(work_dir: Path, item: CaptureItem, key: str) -> dict[str, Any] | None:
+def completed_item(work_dir: Path, item: CaptureItem, key: str, inputs: str | None = None) -> dict[str, Any] | None:
     """The recorded result of ``item`` if its record is complete, made with ``key`` from the same inputs, and intact.
 
-    Cheap checks first (record, key, id, file sizes), then the hashes of the inputs and of the files.
+    ``inputs`` is the item's :func:`input_digest` when already known. Cheap checks first (record,
+    key, id, file sizes), then the hashes of the inputs and of the files.
     """
     path = record_path(work_dir, item.id)
     if not path.is_file():
@@ -184,7 +185,7 @@ def completed_item(work_dir: Path, item: CaptureItem, key: str) -> dict[str, Any
         return None
     if not all(f.is_file() and f.stat().st_size == row["bytes"] for f, row in files):
         return None
-    if record["inputs"] != input_digest(item):
+    if record["inputs"] != (inputs if inputs is not None else input_digest(item)):
         return None
     if not all(sha256_file(f) == row["sha256"] for f, row in files):
         return None
@@ -211,8 +212,10 @@ class _RecordingWorker:
         self.work_dir = Path(work_dir)
         self.key = key
 
-    def __call__(self, item: CaptureItem) -> dict[str, Any]:
-        inputs = input_digest(item)  # before reading them: a change while processing shows at the next check
+    def __call__(self, task: tuple[CaptureItem, str | None]) -> dict[str, Any]:
+        item, inputs = task
+        if inputs is None:
+            inputs = input_digest(item)  # before reading them: a change while processing shows at the next check
         result = self.worker(item, self.work_dir / item.id)
         record = {"version": _RECORD_VERSION, "id": item.id, "key": self.key, "inputs": inputs, "result": result}
         # Key order kept (not sorted), so a result read back equals the one built, dicts included.
@@ -223,7 +226,7 @@ class _RecordingWorker:
 
 def process_items(items: Sequence[CaptureItem], work_dir: Path, key: str,
                   worker_factory: Callable[[], ItemWorker], workers: int = 1, desc: str = "items",
-                  unit: str = "item") -> ItemsReport:
+                  unit: str = "item", input_digests: Mapping[str, str] | None = None) -> ItemsReport:
     """Results of every item: re-used from ``work_dir`` where complete (:func:`completed_item`), built otherwise.
 
     ``key`` is the hash of everything besides the item's own files that determines a result
@@ -231,18 +234,22 @@ def process_items(items: Sequence[CaptureItem], work_dir: Path, key: str,
     :func:`facedetail.capture.parallel.map_items` with ``workers`` processes; ``worker_factory``
     must be picklable (a ``functools.partial`` of :class:`CaptureWorker`). A kill or a dead
     worker leaves every finished item recorded: run again to resume.
+
+    ``input_digests`` (item id -> :func:`input_digest`) spares hashing the inputs a second time
+    where the caller already has their hashes; by default each item's folder is hashed here.
     """
     started = time.perf_counter()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     # Hashing is I/O and hashlib releases the GIL: threads check many records at once.
+    digests = {item.id: None if input_digests is None else input_digests[item.id] for item in items}
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        found = list(pool.map(lambda item: completed_item(work_dir, item, key), items))
+        found = list(pool.map(lambda item: completed_item(work_dir, item, key, digests[item.id]), items))
     todo = [item for item, result in zip(items, found, strict=True) if result is None]
     for item in todo:
         clear_item(work_dir, item.id)
-    built = map_items(partial(_RecordingWorker, worker_factory, work_dir, key), todo, workers, desc=desc,
-                      unit=unit)
+    built = map_items(partial(_RecordingWorker, worker_factory, work_dir, key),
+                      [(item, digests[item.id]) for item in todo], workers, desc=desc, unit=unit)
     fresh = {item.id: result for item, result in zip(todo, built, strict=True)}
     results = [fresh[item.id] if result is None else result for item, result in zip(items, found, strict=True)]
     return ItemsReport(results, len(todo), len(items) - len(todo), time.perf_counter() - started)

@@ -164,13 +164,19 @@ class ExpressionDictionary:
                 "entries": len(self.ids), "beta_dim": int(self.beta.shape[1]), **(extra or {})}
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
+    @staticmethod
+    def check_folder(directory: Path) -> None:
+        """Raise a one-line :class:`SourceFileError` unless ``directory`` holds a complete dictionary."""
+        for name in (META_FILE, ENTRIES_FILE, INDEX_FILE):
+            if not (Path(directory) / name).is_file():
+                raise SourceFileError(Path(directory) / name, "expression dictionary file not found",
+                                      "Run `dvc repro dictionary` (or point at a dictionary stage's output folder)")
+
     @classmethod
     def load(cls, directory: Path, device: str = "auto") -> ExpressionDictionary:
         """A dictionary written by :meth:`save` (e.g. ``data/dictionary``)."""
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
-            raise SourceFileError(meta_path, "expression dictionary not found", "Run `dvc repro dictionary` first")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        cls.check_folder(directory)
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
         table = pq.read_table(directory / ENTRIES_FILE).to_pydict()
         framing = FaceFraming.from_json(meta["framing"]) if meta.get("framing") else None
         network = directory / NETWORK_FILE
