@@ -41,10 +41,13 @@ def assets(
 
 
 def _from_stage_records(sha: str, root: Path) -> dict[str, Any] | None:
-    for record_path in sorted(root.glob("data/*/lineage.json")):
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        if sha in record.get("outputs", {}).values():
-            return record
+    """The run record (``data/lineage/runs/<stage>.json``) or, for outputs pulled from a DVC remote
+    without their run, the content record inside the output (``data/<stage>/lineage.json``)."""
+    for pattern in ("data/lineage/runs/*.json", "data/*/lineage.json"):
+        for record_path in sorted(root.glob(pattern)):
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            if sha in record.get("outputs", {}).values():
+                return {**record, "source": record_path.relative_to(root).as_posix()}
     return None
 
 
@@ -76,12 +79,12 @@ def lineage(
         record = _from_stage_records(sha, Path.cwd())
         if record is None:
             _fail(f"{path} (sha256 {sha[:12]}…) is not an output of any recorded stage run")
-        record = {**record, "source": "lineage.json"}
     if as_json:
         typer.echo(json.dumps(record, indent=2, sort_keys=True))
         return
     typer.echo(f"{path}  sha256 {sha}")
-    typer.echo(f"  produced by stage {record['stage']!r}, run {record['run_id']}, ended {record['ended']}")
+    typer.echo(f"  produced by stage {record['stage']!r}, run {record.get('run_id', 'not recorded here')}, "
+               f"ended {record.get('ended', 'not recorded here')}")
     dirty = " (with uncommitted changes)" if record.get("git_dirty") else ""
     typer.echo(f"  git commit {record.get('git_commit')}{dirty}; params hash {record.get('params_hash')}")
     typer.echo(f"  params: {json.dumps(record.get('params'), sort_keys=True)}")

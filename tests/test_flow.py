@@ -126,25 +126,42 @@ def test_flow_matches_dvc_repro(prefect_harness, tmp_path: Path, eos_share: Path
     assert complete and complete[-1]["run"]["facets"]["parent"]["job"]["namespace"] == "prefect"
 
 
-def test_flow_does_not_retry_bad_source(prefect_harness, tmp_path: Path, eos_share: Path) -> None:
+def _task_runs(state) -> list[tuple[str, int]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.states import State
 
-    from flows.pipeline import pipeline
-
-    repo = make_repo(tmp_path / "bad", eos_share, dvc=False)
-    shutil.rmtree(repo / "data/external/eos-share")
-    state: State = pipeline(root=str(repo), return_state=True)
-    assert state.is_failed()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         )
-    assert [(r.name.split("-")[0], r.run_count) for r in runs] == [("run_stage", 1)]
+    return [(r.name.split("-")[0], r.run_count) for r in runs]
+
+
+def test_flow_does_not_retry_bad_source(prefect_harness, tmp_path: Path, eos_share: Path) -> None:
+    from flows.pipeline import pipeline
+
+    repo = make_repo(tmp_path / "bad", eos_share, dvc=False)
+    shutil.rmtree(repo / "data/external/eos-share")
+    state = pipeline(root=str(repo), return_state=True)
+    assert state.is_failed()
+    assert _task_runs(state) == [("run_stage", 1)]
     events = list(iter_events(repo / "data/lineage/events.jsonl"))
     assert events == []  # the stage refused before starting: no input to record
     assert not (repo / "data/face_model").exists()
+
+
+def test_flow_does_not_retry_a_file_that_is_not_a_model(prefect_harness, tmp_path: Path, eos_share: Path) -> None:
+    """A corrupt model used to surface as "a worker process died, run again" and be retried three times."""
+    from flows.pipeline import pipeline
+
+    repo = make_repo(tmp_path / "notamodel", eos_share, dvc=False)
+    (repo / "data/face_model").mkdir(parents=True)
+    (repo / "data/face_model/model.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    state = pipeline(root=str(repo), stages=["render_expressions"], return_state=True)
+    assert state.is_failed()
+    assert "not a facedetail morphable model" in str(state.result(raise_on_failure=False))
+    assert _task_runs(state) == [("run_stage", 1)]
+    assert not (repo / "data/.partial/render_expressions").exists()
 
 
 @pytest.mark.slow

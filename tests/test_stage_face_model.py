@@ -180,3 +180,16 @@ def test_cli_success_prints_summary(cli_repo: Path) -> None:
     rc, out, err = _cli(cli_repo, {"preview_size": 64})
     assert rc == 0, err
     assert "face_model: wrote" in out and '"vertices": 3448' in out
+
+
+def test_lineage_command_answers_from_the_run_record_or_the_output(plain_root: Path) -> None:
+    """Without the events file (another machine), the run record answers; without it too (a DVC
+    pull), the content record inside the output still names stage, params and inputs."""
+    face_model.run(_params(), plain_root)
+    (plain_root / "data/lineage/events.jsonl").unlink()
+    shown = sh(["facedetail", "lineage", "data/face_model/model.npz"], plain_root).stdout
+    assert "stage 'face_model', run " in shown and "not recorded here" not in shown
+    shutil.rmtree(plain_root / "data/lineage")
+    shown = sh(["facedetail", "lineage", "data/face_model/model.npz"], plain_root).stdout
+    assert "stage 'face_model', run not recorded here" in shown
+    assert "input data/external/eos-share/sfm_shape_3448.bin" in shown
