@@ -12,14 +12,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import yaml
 from pydantic import ValidationError
 
-from facedetail.config import Config
+from facedetail.config import Config, key_data
 from facedetail.errors import FacedetailError, InterruptedRunError, SourceFileError
 from facedetail.io.lineage import ParentRef
 from facedetail.io.transaction import RunLayout, StageOutput, stage_output
@@ -101,7 +101,7 @@ class Stage(Generic[P]):
     """Keeps finished work in ``data/.partial/<name>`` across a killed run (removed on success)."""
     headline: tuple[str, ...] = ()
     """Dotted metric keys the end-of-run summary shows."""
-    look_at: tuple[str, ...] = field(default=())
+    look_at: tuple[str, ...] = ()
     """Files of the output a person opens to judge it (contact sheets, previews)."""
 
     @property
@@ -123,12 +123,13 @@ class Stage(Generic[P]):
     def run(self, params: P, root: Path, parent: ParentRef | None = None) -> StageResult:
         """Check the inputs, then build the outputs inside one output transaction."""
         root = Path(root)
-        inputs = [i for i in self.inputs(params)]
+        inputs = list(self.inputs(params))
         paths = [i.resolve(root) for i in inputs]
         layout = RunLayout(root, self.out_dir, self.metrics, work_dir=self.work_dir if self.resumable else None)
         with stage_output(self.name, params.model_dump(mode="json"),
                           [p for p, i in zip(paths, inputs, strict=True) if i.lineage], layout,
-                          seed=self.seed(params), parent=parent) as out:
+                          seed=self.seed(params), parent=parent,
+                          content_params=key_data(params, frozenset({"run"}))) as out:
             summary = self.build(params, root, out)
         return StageResult(self.name, root / self.out_dir, out.outputs, summary, out.record)
 

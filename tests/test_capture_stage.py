@@ -16,6 +16,7 @@ from conftest import TINY_CAPTURE_GT, TINY_CAPTURE_SYNTH, sh, shrink_params, too
 
 from facedetail.capture import UPPER, cut_patches, face_regions, list_items, load_item
 from facedetail.capture.maps import decode_png, u16_to_displacement
+from facedetail.capture.scan import discover_items
 from facedetail.capture.synthset import BAD_KINDS
 from facedetail.io.hashing import sha256_file
 from facedetail.io.manifest import verify_manifest
@@ -43,7 +44,7 @@ def _build(root: Path, workers: int = 1) -> None:
 
 def _files(out: Path) -> dict[str, str]:
     return {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "lineage.json"}
+            if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +174,38 @@ def test_an_unexpected_error_in_one_item_is_quarantined(built: Path, tmp_path: P
     (row,) = pq.read_table(root / "data/capture_gt/quarantine.parquet").to_pylist()
     assert row["id"] == "s000/neutral" and row["reason"].startswith("unexpected error: AttributeError"), row
     assert list_items(root / "data/capture_gt") == ["s000/happiness", "s000/surprise"]
+
+
+def test_a_killed_capture_gt_resumes_from_its_finished_items(built: Path, tmp_path: Path) -> None:
+    """SIGKILL of `python -m stages.capture_gt` mid-run: nothing that looks complete is left, the rerun
+    reuses every finished item, and the result equals the uninterrupted run's byte for byte."""
+    import os
+    import signal
+    import time
+
+    root = tmp_path / "killed"
+    for part in ("data/face_model", "data/capture_synth"):
+        shutil.copytree(built / part, root / part)
+    (root / "params.yaml").write_text(yaml.safe_dump({"capture_gt": TINY_CAPTURE_GT}))
+    work = root / "data/.partial/capture_gt"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.capture_gt", "--root", str(root)],
+                            cwd=Path(__file__).resolve().parents[1], env=tool_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(work.glob("*.done.json")):
+        assert proc.poll() is None, f"the run ended before any item finished:\n{proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no item finished in time"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "data/capture_gt").exists(), "a killed run leaves nothing that looks complete"
+    finished = len(list(work.glob("*.done.json")))
+    items = len(discover_items(built / "data/capture_synth"))
+    assert 1 <= finished < items
+
+    result = capture_gt.run(capture_gt.CaptureGtParams(**TINY_CAPTURE_GT), root)
+    assert result.summary["items_reused"] >= finished
+    assert result.summary["items_built"] == items - result.summary["items_reused"]
+    assert _files(root / "data/capture_gt") == _files(built / "data/capture_gt")
+    assert (root / "metrics/capture_gt.json").read_bytes() == (built / "metrics/capture_gt.json").read_bytes()
+    assert not work.exists(), "the work folder goes once the output is in place"

@@ -23,7 +23,7 @@ from stages import dictionary, emotion_net, render_expressions, render_faces
 
 def _files(out: Path) -> dict[str, str]:
     return {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "lineage.json"}
+            if p.is_file()}
 
 
 def _build(root: Path) -> None:

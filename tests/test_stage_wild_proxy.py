@@ -29,7 +29,7 @@ SYNTH = {"count": 6, "synth": {"image_size": 192, "size_jitter": 0.1}, "bad_exam
 
 def _files(out: Path) -> dict[str, str]:
     return {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "lineage.json"}
+            if p.is_file()}
 
 
 def _params(**values: object) -> wild_proxy.WildProxyParams:

@@ -40,7 +40,7 @@ def _root(base: Path, model_npz: Path) -> Path:
 def _files(root: Path) -> dict[str, str]:
     out = root / OUT
     return {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "lineage.json"}
+            if p.is_file()}
 
 
 @pytest.fixture(scope="module")

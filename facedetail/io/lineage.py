@@ -163,6 +163,8 @@ class LineageRun:
     root: Path
     seed: int | None = None
     parent: ParentRef | None = None
+    content_params: Mapping[str, Any] | None = None
+    """The parameters that shape the outputs (``params`` without run-only fields), for the content record."""
     run_id: str = field(default_factory=lambda: str(generate_new_uuid()))
     started: str = field(default_factory=_utcnow)
     input_hashes: dict[str, str] = field(default_factory=dict)
@@ -258,29 +260,27 @@ class LineageRun:
 
     def content_record(self, output_hashes: Mapping[str, str]) -> dict[str, Any]:
         """What the outputs were made from: the same for every run that makes the same outputs."""
+        params = self.params if self.content_params is None else self.content_params
         return {
             "stage": self.stage,
-            "params": dict(self.params),
-            "params_hash": params_hash(self.params),
+            "params": dict(params),
+            "params_hash": params_hash(params),
             "seed": self.seed,
             "inputs": dict(sorted(self.input_hashes.items())),
             "outputs": dict(sorted(output_hashes.items())),
         }
 
     def record(self, output_hashes: Mapping[str, str]) -> dict[str, Any]:
-        """The run as one plain, JSON-serializable dict."""
+        """The run as one plain, JSON-serializable dict: the content record plus when, where and with what."""
         return {
-            "stage": self.stage,
+            **self.content_record(output_hashes),
+            "params": dict(self.params),
+            "params_hash": params_hash(self.params),
             "run_id": self.run_id,
             "started": self.started,
             "ended": _utcnow(),
             "git_commit": self._commit,
             "git_dirty": self._dirty,
-            "params": dict(self.params),
-            "params_hash": params_hash(self.params),
-            "seed": self.seed,
-            "inputs": dict(sorted(self.input_hashes.items())),
-            "outputs": dict(sorted(output_hashes.items())),
             "packages": self._packages,
             "python": self._python,
             "host": self._host,

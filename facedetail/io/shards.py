@@ -9,8 +9,9 @@ user and group, mode 0644) and samples in item order, so equal samples give equa
 per-shard completion record (sha256 of the tar, the key of the inputs that made it, the
 manifest rows) in a work folder. A rerun after a kill re-uses every shard whose record
 exists, whose key matches and whose tar still has the recorded sha256; anything else is
-built again, and the temporary files of shards that were being written are removed. A tar without a record is never counted: the record is written after the tar
-is complete and renamed into place.
+built again, and the temporary files of shards that were being written are removed. A tar
+without a record is never counted: the record is written after the tar is complete and
+renamed into place.
 """
 
 from __future__ import annotations

@@ -131,11 +131,16 @@ def hash_outputs(tmp_dir: Path, final_dir: Path, root: Path, known: Mapping[str,
 
 @contextlib.contextmanager
 def stage_output(stage: str, params: Mapping[str, Any], inputs: Sequence[Path], layout: RunLayout,
-                 seed: int | None = None, parent: ParentRef | None = None) -> Iterator[StageOutput]:
-    """Run the body of a stage inside its output transaction (see the module docstring)."""
+                 seed: int | None = None, parent: ParentRef | None = None,
+                 content_params: Mapping[str, Any] | None = None) -> Iterator[StageOutput]:
+    """Run the body of a stage inside its output transaction (see the module docstring).
+
+    ``params`` go into the run record; ``content_params`` (default: the same), the ones that shape
+    the outputs, into ``lineage.json``.
+    """
     root = layout.root
     lineage = LineageRun(stage=stage, params=params, inputs=list(inputs), events_file=layout.at(layout.events_file),
-                         root=root, seed=seed, parent=parent).start()
+                         root=root, seed=seed, parent=parent, content_params=content_params).start()
     out_dir = layout.at(layout.out_dir)
     try:
         with atomic_directory(out_dir) as tmp:
