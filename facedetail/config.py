@@ -8,8 +8,8 @@ Every field changes what a stage writes unless it is declared otherwise, with on
 
 * :func:`run_only` — how a run executes (worker processes, progress): never changes an output byte;
 * :func:`set_level` — which items a set holds or what its reports show (a count, a contact sheet),
-  never the content of one item: left out of the per-item reuse key, so growing a set keeps its
-  finished shards;
+  never the content of one item: left out of the per-item reuse key, so the items of a grown set
+  keep their keys (and bytes), and a killed run's finished shards stay reusable;
 * :func:`input_path` — where an input lies: the stage puts the input's *content* hash in the key
   instead, so the same file at another path gives the same key.
 

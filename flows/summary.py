@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 from facedetail.io.report import StageView, summary_text
-from flows.pipeline import load_stage, stage_order
+from flows.dag import load_stage, stage_order
 
 
 def views(root: Path) -> list[StageView]:
     """One view per stage of ``dvc.yaml``, in DAG order."""
     stages = [load_stage(module) for _, module in stage_order(root)]
-    return [StageView(s.name, s.out_dir, s.metrics, s.headline, s.look_at) for s in stages]
+    return [StageView(s.name, s.out_dir, s.metrics, s.headline, s.look_at, s.items) for s in stages]
 
 
 def main(argv: list[str] | None = None) -> int:

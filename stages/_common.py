@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import yaml
 from pydantic import ValidationError
@@ -69,13 +69,17 @@ class Input:
     """Hash it into the lineage record (False for a file only checked, e.g. inside an input folder)."""
     what: str = "input"
     """What it is, for the message (``morphable model not found``)."""
+    kind: Literal["file", "folder", "any"] = "any"
+    """What must be at ``path``."""
 
     def resolve(self, root: Path) -> Path:
-        """The checked path: a missing or unreadable input is a :class:`SourceFileError`."""
+        """The checked path: a missing input, or a file where a folder must be, is a :class:`SourceFileError`."""
         path = root / self.path
+        remedy = self.remedy or f"Run `dvc repro {self.made_by}` first (or fix the path)"
         if not path.exists():
-            raise SourceFileError(path, f"{self.what} not found",
-                                  self.remedy or f"Run `dvc repro {self.made_by}` first (or fix the path)")
+            raise SourceFileError(path, f"{self.what} not found", remedy)
+        if (self.kind == "file" and not path.is_file()) or (self.kind == "folder" and not path.is_dir()):
+            raise SourceFileError(path, f"{self.what} must be a {self.kind}", remedy)
         if self.check is not None:
             self.check(path)
         return path
@@ -85,7 +89,7 @@ def model_input(path: str) -> Input:
     """The morphable model written by ``face_model``, opened before the run so a non-model fails at once."""
     from facedetail.model.morphable import MorphableModel
 
-    return Input(path, "face_model", check=MorphableModel.load, what="morphable model")
+    return Input(path, "face_model", check=MorphableModel.load, what="morphable model", kind="file")
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,9 @@ class Stage(Generic[P]):
     resumable: bool = False
     """Keeps finished work in ``data/.partial/<name>`` across a killed run (removed on success)."""
     headline: tuple[str, ...] = ()
-    """Dotted metric keys the end-of-run summary shows."""
+    """Dotted metric keys the end-of-run summary shows (two or three)."""
+    items: str | None = None
+    """The metric that counts the stage's items, where manifest rows are not items (one row per file)."""
     look_at: tuple[str, ...] = ()
     """Files of the output a person opens to judge it (contact sheets, previews)."""
 
@@ -117,8 +123,14 @@ class Stage(Generic[P]):
         return PARTIAL_DIR / self.name
 
     def load_params(self, root: Path, params_file: str = PARAMS_FILE) -> P:
-        """This stage's section of ``root/params.yaml``, validated strictly (see :func:`validate_params`)."""
-        return validate_params(self.params_model, load_section(root / params_file, self.name))
+        """This stage's section of ``root/params.yaml``, validated strictly (see :func:`validate_params`).
+
+        Invalid params are a :class:`ParamsError` (one line), which no orchestrator retries.
+        """
+        try:
+            return validate_params(self.params_model, load_section(root / params_file, self.name))
+        except ValidationError as err:
+            raise ParamsError(f"invalid params in {params_file}: {one_line(err)}") from None
 
     def run(self, params: P, root: Path, parent: ParentRef | None = None) -> StageResult:
         """Check the inputs, then build the outputs inside one output transaction."""
@@ -186,9 +198,6 @@ def main(stage: Stage[Any], argv: list[str] | None = None) -> int:
     try:
         params = stage.load_params(args.root, args.params)
         result = stage.run(params, args.root)
-    except ValidationError as err:
-        print(f"error: {stage.name}: invalid params in {args.params}: {one_line(err)}", file=sys.stderr)
-        return 2
     except (FacedetailError, FileNotFoundError) as err:
         print(f"error: {stage.name}: {err}", file=sys.stderr)
         return 2

@@ -2,14 +2,15 @@
 
 For each ``<subject>/<expression>`` folder of ``captures`` (the input layout is described in
 ``facedetail.capture.scan``): load the proxy and the scan, check them, align the scan to the
-proxy (ICP), rasterize the proxy in UV space at ``resolution``, cast rays along ± the proxy
+proxy (ICP), rasterize the proxy in UV space at ``process.resolution``, cast rays along ± the proxy
 normal to the scan for the signed distance, and keep the details by subtracting a
-Gaussian-smoothed copy (``extract.highpass_sigma_mm``). Unusable items go to the quarantine
+Gaussian-smoothed copy (``process.extract.highpass_sigma_mm``). Unusable items go to the quarantine
 table with the reason; the rest are processed. Where an item brings a known ground truth (the
-synthetic set does), the accuracy is measured.
+synthetic set does), the accuracy is measured. Finished items are kept in
+``data/.partial/capture_gt/`` with a completion record each, so a killed run resumes.
 
 Outputs in ``data/capture_gt/``: ``maps/<subject>/<expression>/`` (``displacement.npy`` float32 mm,
-``displacement.png`` 16-bit with ``png_scale_mm`` in the manifest, ``mask.png``, ``normal.png``),
+``displacement.png`` 16-bit with ``process.png_scale_mm`` in the manifest, ``mask.png``, ``normal.png``),
 ``manifest.parquet`` (one row per file, with the item's facts), ``quarantine.parquet``,
 ``preview.png`` and ``lineage.json``; facts and accuracy in ``metrics/capture_gt.json``.
 """
@@ -30,14 +31,12 @@ from facedetail.capture.scan import discover_items
 from facedetail.capture.worker import CaptureWorker, PatchCountConfig, link_items, process_items
 from facedetail.config import content_key, input_path, run_only, set_level
 from facedetail.errors import FacedetailError, SourceFileError
-from facedetail.io.images import encode_png
 from facedetail.io.manifest import file_row
-from facedetail.io.tables import write_quarantine
+from facedetail.io.tables import QUARANTINE_NAME, write_quarantine
 from facedetail.io.transaction import StageOutput
 from stages._common import Input, Stage, StageParams, main, model_input, worker_count
 
 NAME = "capture_gt"
-QUARANTINE = "quarantine.parquet"
 PREVIEW = "preview.png"
 
 
@@ -67,7 +66,7 @@ class CaptureGtParams(StageParams):
 def inputs(params: CaptureGtParams) -> list[Input]:
     """The model and the capture folder."""
     remedy = "Run `dvc repro capture_synth`, or set capture_gt.captures to your scans"
-    return [model_input(params.model), Input(params.captures, what="capture folder", remedy=remedy)]
+    return [model_input(params.model), Input(params.captures, what="capture folder", remedy=remedy, kind="folder")]
 
 
 def build(params: CaptureGtParams, root: Path, out: StageOutput) -> dict[str, Any]:
@@ -95,10 +94,10 @@ def build(params: CaptureGtParams, root: Path, out: StageOutput) -> dict[str, An
     if params.preview_items:
         sheet = capture_preview(out.dir, model_path, captures, [r["id"] for r in done][:params.preview_items],
                                 params.process.resolution, params.preview_scale_mm, params.preview_tile)
-        (out.dir / PREVIEW).write_bytes(encode_png(sheet, 6))
+        out.write_png(PREVIEW, sheet)
         rows.append(file_row(out.dir, PREVIEW, item_id="preview", params_hash=key, kind="preview"))
     out.write_manifest(rows)
-    write_quarantine(out.dir / QUARANTINE, [{"id": r["id"], "path": f"{params.captures}/{r['path']}",
+    write_quarantine(out.dir / QUARANTINE_NAME, [{"id": r["id"], "path": f"{params.captures}/{r['path']}",
                                              "reason": r["reason"]} for r in bad])
     out.metrics = capture_metrics(done, bad, resolution=params.process.resolution, key=key, patches=params.patches,
                                   highpass_sigma_mm=params.process.extract.highpass_sigma_mm)
@@ -113,7 +112,8 @@ def build(params: CaptureGtParams, root: Path, out: StageOutput) -> dict[str, An
 
 
 STAGE = Stage(NAME, CaptureGtParams, build, inputs, seed=lambda p: p.seed, resumable=True,
-              headline=("processed", "accuracy.mae_mm_mean", "accuracy.relative_mae"), look_at=(PREVIEW,))
+              headline=("processed", "accuracy.mae_mm_mean", "accuracy.relative_mae"), look_at=(PREVIEW,),
+              items="processed")
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stage ``capture_synth``: a synthetic capture set with known displacement, in the capture input layout.
 
-The default profile's stand-in for a capture rig's scan pairs: ``subjects`` x ``expressions``
+The default profile's stand-in for a capture rig's scan pairs: ``subjects`` x ``synth.expressions``
 (neutral and two others, like the paper's capture). The proxy is ``model(α, β)``; the scan is
 the proxy subdivided, displaced along its normal by procedural expression-dependent details
 of known depth (forehead lines with surprise, crow's feet and nasolabial folds with happiness,
@@ -66,7 +66,7 @@ def build(params: CaptureSynthParams, root: Path, out: StageOutput) -> dict[str,
 
 
 STAGE = Stage(NAME, CaptureSynthParams, build, inputs, seed=lambda p: p.synth.seed,
-              headline=("items", "scan_faces_mean", "megabytes"))
+              headline=("items", "scan_faces_mean", "megabytes"), items="items")
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ class DictionaryParams(StageParams):
 
 def inputs(params: DictionaryParams) -> list[Input]:
     """The render crops (with their framing) and the emotion network."""
-    return [Input(f"{params.render_faces}/{FRAMING_FILE}", "render_faces", lineage=False),
-            Input(params.render_faces, "render_faces"), Input(params.emotion_net, "emotion_net")]
+    return [Input(f"{params.render_faces}/{FRAMING_FILE}", "render_faces", lineage=False, kind="file"),
+            Input(params.render_faces, "render_faces", kind="folder"),
+            Input(params.emotion_net, "emotion_net", kind="file")]
 
 
 def build(params: DictionaryParams, root: Path, out: StageOutput) -> dict[str, Any]:
@@ -91,8 +92,8 @@ def build(params: DictionaryParams, root: Path, out: StageOutput) -> dict[str, A
             "beta_mae": quality.get("beta_mae", {}).get("dictionary"), "astronaut": astronaut.get("neighbour_label")}
 
 
-STAGE = Stage(NAME, DictionaryParams, build, inputs, headline=(
-    "entries", "quality.beta_mae.dictionary", "quality.beta_mae.zero_beta", "astronaut.neighbour_label"))
+STAGE = Stage(NAME, DictionaryParams, build, inputs,
+              headline=("entries", "quality.beta_mae.dictionary", "quality.beta_mae.zero_beta"))
 run = STAGE.run
 
 if __name__ == "__main__":

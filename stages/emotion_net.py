@@ -77,13 +77,14 @@ class EmotionNetParams(StageParams):
 
 def inputs(params: EmotionNetParams) -> list[Input]:
     """The training set the params name, and the face framing of the render crops (used for photos too)."""
-    framing = Input(f"{params.render_faces}/{FRAMING_FILE}", "render_faces")
+    framing = Input(f"{params.render_faces}/{FRAMING_FILE}", "render_faces", kind="file")
     if params.dataset == "renders":
-        return [Input(params.render_faces, "render_faces"), framing]
+        return [Input(params.render_faces, "render_faces", kind="folder"), framing]
     if params.dataset == "fer2013":
-        return [Input(str(params.fer2013_csv), remedy="Set emotion_net.fer2013_csv to FER2013's fer2013.csv"), framing]
-    listed = [Input(params.images_csv, remedy="Fix emotion_net.images_csv")] if params.images_csv else []
-    return [Input(str(params.images_root), remedy="Fix emotion_net.images_root"), *listed, framing]
+        return [Input(str(params.fer2013_csv), remedy="Set emotion_net.fer2013_csv to FER2013's fer2013.csv",
+                      kind="file"), framing]
+    listed = [Input(params.images_csv, remedy="Fix emotion_net.images_csv", kind="file")] if params.images_csv else []
+    return [Input(str(params.images_root), remedy="Fix emotion_net.images_root", kind="folder"), *listed, framing]
 
 
 def build(params: EmotionNetParams, root: Path, out: StageOutput) -> dict[str, Any]:
@@ -109,7 +110,9 @@ def build(params: EmotionNetParams, root: Path, out: StageOutput) -> dict[str, A
     meta = {"dataset": params.dataset, "train_crops": len(train_x), "holdout_crops": len(test_x),
             "crop_size": framing.crop.size}
     save_network(out.dir / MODEL_FILE, net, params.network, meta)
-    key = content_key(params, {f"dataset{i}": out.input_hash(p) for i, p in enumerate(used)})
+    # The framing (detector, crop, alignment reference) shapes every crop, whichever the dataset.
+    key = content_key(params, {"framing": out.input_hash(root / params.render_faces / FRAMING_FILE),
+                               **{f"dataset{i}": out.input_hash(p) for i, p in enumerate(used)}})
     out.write_manifest([file_row(out.dir, MODEL_FILE, seed=params.train.seed, params_hash=key)])
     out.deferred.append(lambda: write_emotion_plots(root / PLOTS_DIR, test_y, probs.argmax(1), history))
     out.metrics = emotion_metrics(samples, before, after, history, astronaut, test_y)

@@ -14,8 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from facedetail.assets import verify_share
-from facedetail.config import content_key, input_path
-from facedetail.io.images import encode_png
+from facedetail.config import content_key, input_path, run_only
 from facedetail.io.manifest import file_row
 from facedetail.io.transaction import StageOutput
 from facedetail.model import load_model_source, source_files
@@ -34,7 +33,7 @@ class FaceModelParams(StageParams):
     """The model file (``sfm_shape_3448.bin``, ``model2017-1_bfm_nomouth.h5`` or ``01_MorphableModel.mat``)."""
     share_dir: str = input_path("data/external/eos-share")
     """eos ``share/`` folder with the iBUG landmark maps, contours and the Surrey blendshapes."""
-    verify_checksums: bool = True
+    verify_checksums: bool = run_only(True)
     """Check every eos share file the loader reads against facedetail's SHA256 list."""
     albedo_components: int = Field(4, ge=0, le=4)
     """Components of the Surrey model's synthetic albedo (BFM files bring their own colour model)."""
@@ -49,7 +48,7 @@ class FaceModelParams(StageParams):
 def inputs(params: FaceModelParams) -> list[Input]:
     """The source files the chosen format reads (model file, maps, contours, blendshapes)."""
     share = Path(params.share_dir)
-    return [Input(p.as_posix(), remedy=_remedy(params.format))
+    return [Input(p.as_posix(), remedy=_remedy(params.format), kind="file")
             for p in source_files(params.format, Path(params.model_path), share)]
 
 
@@ -63,7 +62,7 @@ def build(params: FaceModelParams, root: Path, out: StageOutput) -> dict[str, An
     key = content_key(params, {p.name: out.input_hash(p) for p in sources})
     model.save(out.dir / "model.npz")
     preview = render_preview(model, params.preview_size, params.preview_max_expressions, params.preview_pca_sigma)
-    (out.dir / "preview.png").write_bytes(encode_png(preview, 6))
+    out.write_png("preview.png", preview)
     rows = [file_row(out.dir, "model.npz", item_id="model", params_hash=key, kind="morphable_model"),
             file_row(out.dir, "preview.png", item_id="preview", params_hash=key, kind="preview")]
     out.write_manifest(rows)

@@ -19,7 +19,6 @@ from typing import Any
 from pydantic import Field
 
 from facedetail.config import content_key, input_path, run_only, set_level
-from facedetail.io.images import encode_png
 from facedetail.io.shards import build_shards, shard_tasks
 from facedetail.io.transaction import StageOutput
 from facedetail.model.morphable import MorphableModel
@@ -34,7 +33,6 @@ from facedetail.render.sampling import SamplingConfig
 from stages._common import Input, Stage, StageParams, main, model_input, worker_count
 
 NAME = "render_expressions"
-SHARDS = "shards"
 CONTACT_SHEET = "contact_sheet.png"
 
 
@@ -75,16 +73,11 @@ def build(params: RenderExpressionsParams, root: Path, out: StageOutput) -> dict
     tasks = shard_tasks([item_id(i) for i in range(params.count)], params.shard_size)
     report = build_shards(tasks, root / STAGE.work_dir, item_hash, partial(ExpressionShardWorker, spec),
                           workers=worker_count(params.workers), desc=NAME, unit="img")
-    out.link_shards(report.records, root / STAGE.work_dir, SHARDS)
-    rows = [{**row, "shard": f"{SHARDS}/{record.filename}"} for record in report.records for row in record.rows]
+    rows = out.add_shards(report.records, root / STAGE.work_dir)
     out.write_manifest(rows)
-    (out.dir / CONTACT_SHEET).write_bytes(encode_png(read_contact_sheet(out.dir, rows, params.contact_sheet), 6))
+    out.write_png(CONTACT_SHEET, read_contact_sheet(out.dir, rows, params.contact_sheet))
     out.metrics = expression_set_metrics(rows, MorphableModel.load(model_path), params.sampling, item_hash)
-    return {
-        "images": params.count, "shards": len(report.records), "shards_built": report.built,
-        "shards_reused": report.reused, "seconds": round(report.seconds, 1),
-        "images_per_s": round(report.items_built / report.seconds, 1) if report.items_built else None,
-    }
+    return {"images": params.count, **report.summary()}
 
 
 STAGE = Stage(NAME, RenderExpressionsParams, build, inputs, seed=lambda p: p.seed, resumable=True,

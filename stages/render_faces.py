@@ -14,7 +14,6 @@ queries to use the same) and ``lineage.json``; facts go to
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from facedetail.config import content_key, input_path, run_only
 from facedetail.errors import SourceFileError
 from facedetail.features.align import CropConfig, Reference
 from facedetail.features.faceset import (
+    FRAMING_FILE,
     OK,
     FaceFraming,
     FaceSetSpec,
@@ -37,15 +37,12 @@ from facedetail.features.landmarks import DetectorConfig
 from facedetail.io.jsonfiles import write_json
 from facedetail.io.manifest import MANIFEST_NAME
 from facedetail.io.shards import build_shards
-from facedetail.io.tables import reason_kind, write_quarantine
+from facedetail.io.tables import QUARANTINE_NAME, write_quarantine
 from facedetail.io.transaction import StageOutput
 from facedetail.model.morphable import MorphableModel
 from stages._common import Input, Stage, StageParams, main, model_input, worker_count
 
 NAME = "render_faces"
-SHARDS = "shards"
-QUARANTINE = "quarantine.parquet"
-FRAMING = "framing.json"
 
 
 class RenderFacesParams(StageParams):
@@ -69,8 +66,8 @@ class RenderFacesParams(StageParams):
 
 def inputs(params: RenderFacesParams) -> list[Input]:
     """The render set (its manifest must be there) and the model."""
-    return [Input(f"{params.renders}/{MANIFEST_NAME}", "render_expressions", lineage=False),
-            Input(params.renders, "render_expressions"), model_input(params.model)]
+    return [Input(f"{params.renders}/{MANIFEST_NAME}", "render_expressions", lineage=False, kind="file"),
+            Input(params.renders, "render_expressions", kind="folder"), model_input(params.model)]
 
 
 def build(params: RenderFacesParams, root: Path, out: StageOutput) -> dict[str, Any]:
@@ -80,26 +77,25 @@ def build(params: RenderFacesParams, root: Path, out: StageOutput) -> dict[str, 
     key = content_key(params, {"model": out.input_hash(model_path)})
     spec = FaceSetSpec(renders / "shards", model_path, params.detector, params.crop, params.split_seed,
                        params.holdout_fraction, key, NAME)
-    # The shard key also covers the render shards' content, so new renders are never skipped.
-    shard_key = content_key(params, {"model": out.input_hash(model_path), "renders": out.input_hash(renders)})
+    # The shard key also covers the renders (their manifest holds every image's sha256), so new
+    # renders are never skipped; the renders' contact sheet does not count.
+    shard_key = content_key(params, {"model": out.input_hash(model_path),
+                                     "renders": out.input_hash(renders / MANIFEST_NAME)})
     report = build_shards(render_shard_tasks(source), root / STAGE.work_dir, shard_key, partial(FaceShardWorker, spec),
                           workers=worker_count(params.workers), desc=NAME, unit="face")
-    rows = [r for rec in report.records for r in rec.rows]
+    rows = out.add_shards(report.records, root / STAGE.work_dir)
     good = [r for r in rows if r["status"] == OK]
     bad = [r for r in rows if r["status"] != OK]
     if not good:
         raise SourceFileError(renders, "no face was found in any render",
                               "Look at quarantine reasons: `python -m stages.render_faces` prints them")
-    out.link_shards(report.records, root / STAGE.work_dir, SHARDS)
-    shard_of = {r["id"]: f"{SHARDS}/{record.filename}" for record in report.records for r in record.rows}
-    out.write_manifest([{**r, "shard": shard_of[r["id"]]} for r in good])
-    write_quarantine(out.dir / QUARANTINE, bad)
-    write_json(out.dir / FRAMING, FaceFraming(params.detector, params.crop,
-                                              Reference.from_model(MorphableModel.load(model_path))).to_json())
+    out.write_manifest(good)
+    write_quarantine(out.dir / QUARANTINE_NAME, bad)
+    write_json(out.dir / FRAMING_FILE, FaceFraming(params.detector, params.crop,
+                                                   Reference.from_model(MorphableModel.load(model_path))).to_json())
     out.metrics = face_set_metrics(good, bad, key)
-    reasons = Counter(reason_kind(r["reason"]) for r in bad)
     return {"renders": len(rows), "faces": len(good), "quarantined": len(bad),
-            "quarantine_reasons": dict(sorted(reasons.items())), "seconds": round(report.seconds, 1)}
+            "quarantine_reasons": out.metrics["quarantine_reasons"], **report.summary()}
 
 
 STAGE = Stage(NAME, RenderFacesParams, build, inputs, seed=lambda p: p.split_seed, resumable=True,

@@ -24,13 +24,12 @@ from typing import Any
 from pydantic import Field
 
 from facedetail.config import content_key, input_path, run_only, set_level
-from facedetail.dictionary.prior import INDEX_FILE, ExpressionDictionary
+from facedetail.dictionary.prior import ExpressionDictionary
 from facedetail.errors import SourceFileError
 from facedetail.features.landmarks import DetectorConfig
 from facedetail.io.hashing import params_hash
-from facedetail.io.images import encode_png
 from facedetail.io.shards import build_shards, shard_tasks
-from facedetail.io.tables import reason_kind, write_quarantine, write_table
+from facedetail.io.tables import QUARANTINE_NAME, reason_kind, write_quarantine, write_table
 from facedetail.io.transaction import StageOutput
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.evaluate import proxy_metrics
@@ -42,9 +41,7 @@ from facedetail.proxy.texture import TextureConfig
 from stages._common import Input, Stage, StageParams, main, model_input, worker_count
 
 NAME = "wild_proxy"
-SHARDS = "shards"
 PROXIES = "proxies.parquet"
-QUARANTINE = "quarantine.parquet"
 SHEET = "contact_sheet.png"
 
 
@@ -90,7 +87,7 @@ class WildProxyParams(StageParams):
 def inputs(params: WildProxyParams) -> list[Input]:
     """The photos (a folder or a list), the model and the expression dictionary."""
     return [Input(params.input, "wild_synth"), model_input(params.model),
-            Input(params.dictionary, "dictionary", check=ExpressionDictionary.check_folder)]
+            Input(params.dictionary, "dictionary", check=ExpressionDictionary.check_folder, kind="folder")]
 
 
 def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, Any]:
@@ -100,8 +97,9 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
     items = list_inputs(source, root / params.input_root if params.input_root else None)
     if not items:
         raise SourceFileError(source, "no photos found", "Point `wild_proxy.input` at a folder of photos or a list")
-    key = content_key(params, {"model": out.input_hash(model_path),
-                               "dictionary": out.input_hash(dictionary_path / INDEX_FILE)})
+    # The photos count by content: a folder's files (or a list's text) were hashed at lineage START.
+    key = content_key(params, {"photos": out.input_hash(source), "model": out.input_hash(model_path),
+                               "dictionary": out.input_hash(dictionary_path)})
     spec = ProxySpec({i.id: i for i in items}, model_path, dictionary_path, params.load, params.detector,
                      params.fit, params.texture, key)
     # Shards are reused only for the same params and the same photo list.
@@ -110,8 +108,7 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
     report = build_shards(shard_tasks([i.id for i in items], params.shard_size), work_dir, shard_key,
                           partial(ProxyShardWorker, spec), workers=worker_count(params.workers), desc=NAME,
                           unit="photo")
-    rows = [{**r, "shard": f"{SHARDS}/{record.filename}" if r["status"] == OK else None}
-            for record in report.records for r in record.rows]
+    rows = [r if r["status"] == OK else {**r, "shard": None} for r in out.add_shards(report.records, work_dir)]
     good = [r for r in rows if r["status"] == OK]
     bad = [r for r in rows if r["status"] != OK]
     if not good:
@@ -124,12 +121,11 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
                             truth=root / params.truth if params.truth else None,
                             eos_share=root / params.eos_share if params.eos_share else None,
                             eos_compare_max=params.eos_compare_max)
-    out.link_shards(report.records, work_dir, SHARDS)
     write_table(out.dir / PROXIES, proxy_table(rows))
     out.write_manifest([{"id": r["id"], "path": None, "shard": r["shard"], "key": r["key"], "sha256": r["sha256"],
                          "bytes": r["bytes"], "seed": None, "params_hash": key, "source": r["path"]} for r in good])
-    write_quarantine(out.dir / QUARANTINE, bad)
-    (out.dir / SHEET).write_bytes(encode_png(fit_sheet(good[: params.sheet_faces], spec.items, spec.load, model), 6))
+    write_quarantine(out.dir / QUARANTINE_NAME, bad)
+    out.write_png(SHEET, fit_sheet(good[: params.sheet_faces], spec.items, spec.load, model))
     # Timings go to the printed summary, not the metrics: those are byte-identical on rerun.
     out.metrics = {**metrics, "params_hash": key}
     return {"photos": len(rows), "fitted": len(good), "quarantined": len(bad),
@@ -138,7 +134,7 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
 
 
 STAGE = Stage(NAME, WildProxyParams, build, inputs, resumable=True,
-              headline=("fitted", "quarantined", "reprojection_px.median", "eos.ratio_mean"), look_at=(SHEET,))
+              headline=("fitted", "reprojection_px.median", "eos.ratio_mean"), look_at=(SHEET,))
 run = STAGE.run
 
 if __name__ == "__main__":

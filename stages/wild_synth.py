@@ -99,7 +99,7 @@ def build(params: WildSynthParams, root: Path, out: StageOutput) -> dict[str, An
     write_table(out.dir / BAD_TABLE, pa.table({k: [b[k] for b in bad] for k in ("file", "kind", "expected")},
                                               schema=BAD_TABLE_SCHEMA))
     out.write_manifest(rows)
-    (out.dir / CONTACT_SHEET).write_bytes(encode_png(wild_contact_sheet(sheet), 6))
+    out.write_png(CONTACT_SHEET, wild_contact_sheet(sheet))
     out.metrics = {**wild_set_metrics(truth, bad), "params_hash": item_hash}
     return {"images": params.count, "bad_examples": len(bad), "seconds": round(time.perf_counter() - start, 1)}
 

@@ -192,14 +192,14 @@ def test_a_killed_capture_gt_resumes_from_its_finished_items(built: Path, tmp_pa
                             cwd=Path(__file__).resolve().parents[1], env=tool_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(work.glob("*.done.json")):
+    while not list(work.rglob("*.done.json")):  # records sit beside the item folders: WORK/<subject>/<expr>.done.json
         assert proc.poll() is None, f"the run ended before any item finished:\n{proc.stderr.read()}"
         assert time.monotonic() < deadline, "no item finished in time"
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (root / "data/capture_gt").exists(), "a killed run leaves nothing that looks complete"
-    finished = len(list(work.glob("*.done.json")))
+    finished = len(list(work.rglob("*.done.json")))
     items = len(discover_items(built / "data/capture_synth"))
     assert 1 <= finished < items
 
@@ -209,3 +209,14 @@ def test_a_killed_capture_gt_resumes_from_its_finished_items(built: Path, tmp_pa
     assert _files(root / "data/capture_gt") == _files(built / "data/capture_gt")
     assert (root / "metrics/capture_gt.json").read_bytes() == (built / "metrics/capture_gt.json").read_bytes()
     assert not work.exists(), "the work folder goes once the output is in place"
+
+
+def test_an_empty_item_folder_is_quarantined_not_fatal(built: Path, tmp_path: Path) -> None:
+    root = tmp_path / "empty-item"
+    for part in ("data/face_model", "data/capture_synth"):
+        shutil.copytree(built / part, root / part)
+    (root / "data/capture_synth/s999/neutral").mkdir(parents=True)
+    result = capture_gt.run(capture_gt.CaptureGtParams(**TINY_CAPTURE_GT), root)
+    reasons = {r["id"]: r["reason"] for r in pq.read_table(root / "data/capture_gt/quarantine.parquet").to_pylist()}
+    assert reasons["s999/neutral"].startswith("missing capture.json"), reasons["s999/neutral"]
+    assert result.summary["processed"] == len(discover_items(built / "data/capture_synth")) - len(BAD_KINDS)

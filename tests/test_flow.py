@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, make_repo, sh, shrink_params
+from conftest import ROOT, make_repo, set_params, sh, shrink_params
 
 from facedetail.io.hashing import sha256_file
 from facedetail.io.lineage import iter_events
@@ -20,7 +20,11 @@ DATA_FILES = ("face_model/model.npz", "face_model/manifest.parquet", "face_model
               "emotion_net/model.pt", "dictionary/index.faiss", "dictionary/entries.parquet",
               "dictionary/dictionary.json", "wild_synth/truth.parquet", "wild_synth/images/wild-00000.jpg",
               "wild_proxy/proxies.parquet", "wild_proxy/quarantine.parquet", "wild_proxy/shards/shard-00000.tar",
-              "wild_proxy/contact_sheet.png", "capture_synth/manifest.parquet", "capture_gt/manifest.parquet")
+              "wild_proxy/contact_sheet.png", "capture_synth/manifest.parquet", "capture_gt/manifest.parquet",
+              # the content lineage records are deterministic too: no run id, time or host in an output
+              *(f"{stage}/lineage.json" for stage in ("face_model", "render_expressions", "render_faces",
+                                                      "emotion_net", "dictionary", "wild_synth", "wild_proxy",
+                                                      "capture_synth", "capture_gt")))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def _dvc_dag_edges(repo: Path) -> set[tuple[str, str]]:
 
 def test_stage_order_respects_every_dvc_dag_edge(tmp_path: Path) -> None:
     """The real dvc.yaml with its stages in reverse order: the flow still runs them as ``dvc dag`` links them."""
-    from flows.pipeline import stage_order
+    from flows.dag import stage_order
 
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     file_order = list(reversed(spec["stages"]))
@@ -74,7 +78,7 @@ def test_stage_order_respects_every_dvc_dag_edge(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dvc", [False, True], ids=["no-dvc-init", "dvc-init"])
 def test_stage_order_sorts_by_dependencies(tmp_path: Path, dvc: bool) -> None:
     """Dependencies first (an out folder covers a dep file inside it); otherwise dvc.yaml order."""
-    from flows.pipeline import stage_order
+    from flows.dag import stage_order
 
     repo = _pipeline_repo(tmp_path / "repo", (
         "stages:\n"
@@ -86,7 +90,7 @@ def test_stage_order_sorts_by_dependencies(tmp_path: Path, dvc: bool) -> None:
 
 
 def test_stage_order_refuses_other_commands_and_subfolders(tmp_path: Path) -> None:
-    from flows.pipeline import stage_order
+    from flows.dag import stage_order
 
     repo = _pipeline_repo(tmp_path / "repo", "stages:\n  a:\n    cmd: python -m stages.a --fast\n    outs: [data/a]\n")
     with pytest.raises(ValueError, match=re.escape("cmd must be `python -m stages.<module>`")):
@@ -148,6 +152,17 @@ def test_flow_does_not_retry_bad_source(prefect_harness, tmp_path: Path, eos_sha
     events = list(iter_events(repo / "data/lineage/events.jsonl"))
     assert events == []  # the stage refused before starting: no input to record
     assert not (repo / "data/face_model").exists()
+
+
+def test_flow_does_not_retry_bad_params(prefect_harness, tmp_path: Path, eos_share: Path) -> None:
+    from flows.pipeline import pipeline
+
+    repo = make_repo(tmp_path / "badparams", eos_share, dvc=False)
+    set_params(repo, "face_model", preview_size=True)
+    state = pipeline(root=str(repo), stages=["face_model"], return_state=True)
+    assert state.is_failed()
+    assert "preview_size: Input should be a valid integer" in str(state.result(raise_on_failure=False))
+    assert _task_runs(state) == [("run_stage", 1)]
 
 
 def test_flow_does_not_retry_a_file_that_is_not_a_model(prefect_harness, tmp_path: Path, eos_share: Path) -> None:

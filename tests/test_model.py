@@ -425,7 +425,7 @@ def test_load_rejects_other_format_version(sfm: MorphableModel, tmp_path: Path) 
     meta["format_version"] = 99
     arrays["meta"] = np.array(json.dumps(meta))
     np.savez(tmp_path / "future.npz", **arrays)
-    with pytest.raises(ValueError, match="format version 99"):
+    with pytest.raises(SourceFileError, match="format version 99"):
         MorphableModel.load(tmp_path / "future.npz")
 
 

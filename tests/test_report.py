@@ -54,6 +54,11 @@ def test_the_summary_of_the_real_stages_is_short(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     stage_views = views(root)
     assert [v.name for v in stage_views][:2] == ["face_model", "render_expressions"]
-    assert all(2 <= len(v.headline) <= 4 for v in stage_views)
-    text = summary_text(stage_views, tmp_path)  # nothing built under tmp_path
-    assert len(text.splitlines()) == len(stage_views) + 1
+    assert all(2 <= len(v.headline) <= 3 for v in stage_views)
+    assert summary_text(stage_views, tmp_path).count("not built yet") == len(stage_views)
+
+
+def test_a_stage_whose_manifest_lists_files_counts_its_items_by_metric(tmp_path: Path) -> None:
+    view = _stage(tmp_path)
+    by_metric = StageView(view.name, view.out_dir, view.metrics, ("fitted",), (), items="fitted")
+    assert stage_block(by_metric, tmp_path)[0].startswith("demo: 1,234 items; ")

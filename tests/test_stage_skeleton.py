@@ -55,15 +55,15 @@ def test_key_follows_content_not_run_fields_nor_paths() -> None:
 def test_every_stage_declares_workers_run_only() -> None:
     """No stage's worker count can change an output or a reuse key."""
     from facedetail.config import field_role
-    from flows.pipeline import load_stage
+    from flows.dag import load_stage, stage_order
 
-    for module in sorted(p.stem for p in (ROOT / "stages").glob("*.py") if not p.stem.startswith("_")):
-        try:
-            stage = load_stage(f"stages.{module}")
-        except AttributeError:
-            continue  # not a DVC stage module (e.g. the demo summary)
-        if "workers" in stage.params_model.model_fields:
-            assert field_role(stage.params_model, "workers") == "run", module
+    with_workers = []
+    for name, module in stage_order(ROOT):
+        model = load_stage(module).params_model
+        if "workers" in model.model_fields:
+            assert field_role(model, "workers") == "run", name
+            with_workers.append(name)
+    assert len(with_workers) >= 5, with_workers
 
 
 # --- strict params ------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def _assert_one_line(proc: subprocess.CompletedProcess[str], *needles: str) -> N
      ("sampling.pose.translate_px", "finite number")),
     ("capture_gt", "capture_gt: just a string\n", ("section 'capture_gt' must be a mapping",)),
     ("capture_gt", "capture_gt: [1, 2]\n", ("section 'capture_gt' must be a mapping",)),
-    ("capture_gt", "capture_gt:\n  resolution: [512\n", ("not valid YAML",)),
+    ("capture_gt", "capture_gt:\n  process:\n    resolution: [512\n", ("not valid YAML",)),
 ])
 def test_bad_params_are_one_line_errors(tmp_path: Path, module: str, text: str, needles: tuple[str, ...]) -> None:
     _assert_one_line(_cli(module, _params(tmp_path, text)), *needles)
@@ -202,3 +202,27 @@ def test_a_dictionary_folder_without_its_index_is_one_line_error(tmp_path: Path,
     (root / "data/dictionary/dictionary.json").write_text("{}")
     (root / "data/dictionary/entries.parquet").write_text("")
     _assert_one_line(_cli("wild_proxy", root), "index.faiss", "dvc repro dictionary")
+
+
+def test_input_hashes_name_files_where_they_lie_and_cover_empty_folders(tmp_path: Path) -> None:
+    """A file that DVC links from its cache keeps its repository name; a folder's hash is its listing."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache/blob").write_bytes(b"scan")
+    folder = tmp_path / "data/items"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a/scan.ply").symlink_to(tmp_path / "cache/blob")
+    (folder / "empty").mkdir()
+    hashes = {}
+    layout = RunLayout(tmp_path, Path("data/out"))
+    with stage_output("demo", {}, [folder], layout) as out:
+        (out.dir / "x").write_text("x")
+        hashes = {"a": out.input_hash(folder / "a"), "empty": out.input_hash(folder / "empty"),
+                  "all": out.input_hash(folder), "file": out.input_hash(folder / "a/scan.ply")}
+        with pytest.raises(KeyError, match="not an input"):
+            out.input_hash(tmp_path / "elsewhere.txt")
+    from facedetail.io.hashing import listing_hash, sha256_bytes
+
+    assert hashes["file"] == sha256_bytes(b"scan")
+    assert hashes["a"] == listing_hash({"scan.ply": sha256_bytes(b"scan")})
+    assert hashes["empty"] == listing_hash({})
+    assert hashes["all"] == listing_hash({"a/scan.ply": sha256_bytes(b"scan")})

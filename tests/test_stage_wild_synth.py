@@ -62,7 +62,7 @@ def test_outputs_manifest_and_tables(built: Path, model_npz: Path) -> None:
     ids = [f"wild-{i:05d}" for i in range(6)]
     expected = {f"images/{i}.jpg" for i in ids} | {"images/astronaut.png"} | {f"images/_bad/{b}" for b in BAD}
     assert set(_files(built)) == expected | {"truth.parquet", "bad_examples.parquet", "manifest.parquet",
-                                             "contact_sheet.png"}
+                                             "contact_sheet.png", "lineage.json"}
     assert (out / "lineage.json").is_file()
     assert verify_manifest(out) == []
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()

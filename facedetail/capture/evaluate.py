@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from facedetail.capture.worker import PatchCountConfig
+from facedetail.io.tables import reason_kind
 
 
 def _stat(values: list[float], digits: int = 5) -> dict[str, float] | None:
@@ -24,8 +25,8 @@ def _stat(values: list[float], digits: int = 5) -> dict[str, float] | None:
 
 
 def reason_counts(bad: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """Rejections per kind (the reason up to its first colon), sorted by kind."""
-    return dict(sorted(Counter(r["reason"].split(":")[0] for r in bad).items()))
+    """Rejections per kind (:func:`facedetail.io.tables.reason_kind`), sorted by kind."""
+    return dict(sorted(Counter(reason_kind(r["reason"]) for r in bad).items()))
 
 
 def capture_metrics(done: Sequence[dict[str, Any]], bad: Sequence[dict[str, Any]], *, resolution: int,

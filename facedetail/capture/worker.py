@@ -43,7 +43,7 @@ from facedetail.config import Config
 from facedetail.errors import InterruptedRunError
 from facedetail.io.atomic import atomic_write_text, remove_stale_temps
 from facedetail.io.files import link_or_copy
-from facedetail.io.hashing import canonical_json, sha256_bytes, sha256_file
+from facedetail.io.hashing import listing_hash, sha256_file
 from facedetail.io.manifest import file_row
 from facedetail.io.seeds import derive_seed, item_rng
 from facedetail.model.morphable import MorphableModel
@@ -159,10 +159,13 @@ def work_path(work_dir: Path, row_path: str) -> Path:
 
 
 def input_digest(item: CaptureItem) -> str:
-    """sha256 over every file of the item's folder (relative path and content): a changed input is rebuilt."""
+    """:func:`listing_hash` of the item's folder (relative paths and contents): a changed input is rebuilt.
+
+    Equal to the stage's ``out.input_hash(folder)``, which reuses the hashes taken at lineage START.
+    """
     folder = Path(item.folder)
-    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-    return sha256_bytes(canonical_json(files).encode("utf-8"))
+    return listing_hash({p.relative_to(folder).as_posix(): sha256_file(p)
+                         for p in sorted(folder.rglob("*")) if p.is_file()})
 
 
 def completed_item(work_dir: Path, item: CaptureItem, key: str, inputs: str | None = None) -> dict[str, Any] | None:

@@ -52,7 +52,7 @@ import faiss
 import numpy as np
 from pydantic import Field, ValidationError
 
-from facedetail.config import Config
+from facedetail.config import Config, run_only
 from facedetail.dictionary.screened_l1 import ScreenedL1, screen_backend
 from facedetail.errors import FacedetailError
 from facedetail.io.atomic import atomic_write_bytes, atomic_write_text
@@ -96,7 +96,7 @@ class IndexConfig(Config):
     """auto: a GPU when faiss sees one (and supports the metric and kind), else the CPU."""
     train_seed: int = Field(2019, ge=0, le=2**31 - 1)
     """Seed of the IVF k-means, so that builds are reproducible."""
-    query_batch: int = Field(16384, ge=1)
+    query_batch: int = run_only(16384, ge=1)
     """Queries per search call; bounds the memory of the result buffers."""
     l1_kernel: Literal["screened", "faiss"] = "screened"
     """Exact flat L1 on the CPU: screened (8-bit SAD screen + exact rescoring, needs AVX2 or

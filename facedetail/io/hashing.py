@@ -39,6 +39,11 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain)
 
 
+def listing_hash(files: Mapping[str, str]) -> str:
+    """Hex SHA256 of a folder's listing ``{relative path: sha256}``: its content, names included."""
+    return sha256_bytes(canonical_json(dict(files)).encode("utf-8"))
+
+
 def params_hash(params: Mapping[str, Any]) -> str:
     """Short stable hash (16 hex chars of SHA256) of a parameter mapping."""
     return sha256_bytes(canonical_json(params).encode("utf-8"))[:16]

@@ -14,6 +14,7 @@ the output folder as ``lineage.json``: equal content, equal bytes.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -115,11 +116,16 @@ def _utcnow() -> str:
 
 
 def relative_name(path: Path, root: Path) -> str:
-    """The dataset name of ``path``: relative to ``root`` when inside it, else absolute."""
+    """The dataset name of ``path``: relative to ``root`` when inside it, else absolute.
+
+    Lexical (``..`` folded, symlinks not followed): a file that DVC links from its cache keeps the
+    name of where it lies in the repository, not of its cache entry.
+    """
+    absolute, base = Path(os.path.abspath(path)), Path(os.path.abspath(root))
     try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
+        return absolute.relative_to(base).as_posix()
     except ValueError:
-        return path.resolve().as_posix()
+        return absolute.as_posix()
 
 
 def expand_files(paths: Sequence[Path]) -> list[Path]:

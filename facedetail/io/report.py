@@ -16,8 +16,7 @@ import pyarrow.parquet as pq
 
 from facedetail.io.jsonfiles import read_json
 from facedetail.io.manifest import MANIFEST_NAME
-
-QUARANTINE_NAME = "quarantine.parquet"
+from facedetail.io.tables import QUARANTINE_NAME
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,8 @@ class StageView:
     """Dotted keys into the metrics file."""
     look_at: Sequence[str]
     """Files of the output folder a person opens to judge it."""
+    items: str | None = None
+    """Dotted metric key that counts the stage's items, where the manifest has one row per file."""
 
 
 def metric(data: Mapping[str, Any], dotted: str) -> Any:
@@ -70,14 +71,14 @@ def stage_block(view: StageView, root: Path) -> list[str]:
         return [f"{view.name}: not built yet (dvc repro {view.name})"]
     files = [f for f in out.rglob("*") if f.is_file()]
     made = f"{len(files)} files, {_size(sum(f.stat().st_size for f in files))}"
-    items = _rows(out / MANIFEST_NAME)
+    metrics = read_json(root / view.metrics) if (root / view.metrics).is_file() else {}
+    items = metric(metrics, view.items) if view.items else _rows(out / MANIFEST_NAME)
     if items is not None:
-        made = f"{items:,} items; " + made
+        made = f"{_number(items)} items; " + made
     quarantined = _rows(out / QUARANTINE_NAME)
     if quarantined:
         made += f"; {quarantined:,} inputs quarantined (see {view.out_dir.as_posix()}/{QUARANTINE_NAME})"
     lines = [f"{view.name}: {made}"]
-    metrics = read_json(root / view.metrics) if (root / view.metrics).is_file() else {}
     shown = [f"{key} {_number(metric(metrics, key))}" for key in view.headline if metric(metrics, key) is not None]
     if shown:
         lines.append("    " + " · ".join(shown))

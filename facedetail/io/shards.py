@@ -36,6 +36,8 @@ from facedetail.io.atomic import atomic_file, atomic_write_text, remove_temp_fil
 from facedetail.io.hashing import canonical_json, sha256_file
 
 SHARD_SUFFIX = ".tar"
+SHARDS_DIR = "shards"
+"""Folder of the shards in a stage's output: manifest rows name theirs as ``shards/<file>``."""
 _RECORD_SUFFIX = ".done.json"
 _PROGRESS_EVERY = 10
 
@@ -121,6 +123,12 @@ class BuildReport:
     reused: int
     seconds: float
     items_built: int
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and time for a run's printed summary (not for metrics: the time varies)."""
+        return {"shards": len(self.records), "shards_built": self.built, "shards_reused": self.reused,
+                "seconds": round(self.seconds, 1),
+                "items_per_s": round(self.items_built / self.seconds, 1) if self.items_built else None}
 
 
 def shard_tasks(item_ids: Sequence[str], shard_size: int, prefix: str = "shard") -> list[ShardTask]:

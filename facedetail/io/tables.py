@@ -13,6 +13,9 @@ import pyarrow.parquet as pq
 
 from facedetail.io.atomic import atomic_write_bytes, atomic_write_text
 
+QUARANTINE_NAME = "quarantine.parquet"
+"""File name of a stage's quarantine table in its output folder."""
+
 QUARANTINE_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("path", pa.string()),

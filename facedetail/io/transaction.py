@@ -4,8 +4,9 @@
 output folder, then — once the stage's own code has filled it — the output hashes, the
 content lineage record (``lineage.json``, in the output), the swap of the folder into place,
 the metrics file, the deferred side files (plots), the per-run record, the removal of the
-stage's work folder, and COMPLETE. Any exception on the way emits FAIL and leaves the previous
-output as it was.
+stage's work folder, and COMPLETE. Any exception before the swap emits FAIL and leaves the previous
+output as it was; one after it (writing the metrics, plots or run record) emits FAIL with the new
+output already in place.
 
 Two lineage records, on purpose:
 
@@ -24,13 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from facedetail.io.atomic import atomic_directory
 from facedetail.io.files import link_or_copy
-from facedetail.io.hashing import canonical_json, sha256_bytes, sha256_file
+from facedetail.io.hashing import listing_hash, sha256_file
+from facedetail.io.images import encode_png
 from facedetail.io.jsonfiles import write_json
 from facedetail.io.lineage import LineageRun, ParentRef, relative_name
 from facedetail.io.manifest import MANIFEST_NAME, write_manifest
-from facedetail.io.shards import ShardRecord
+from facedetail.io.shards import SHARDS_DIR, ShardRecord
 
 LINEAGE_FILE = "lineage.json"
 
@@ -78,23 +83,31 @@ class StageOutput:
     """After the transaction: the per-run lineage record."""
 
     def input_hash(self, path: Path) -> str:
-        """The content hash of an input file, or of an input folder (its listing of names and hashes)."""
+        """The content hash of an input file, or the :func:`listing_hash` of an input folder or of a
+        folder inside one (an empty folder has the hash of the empty listing)."""
         name = relative_name(path, self.root)
         if name in self.input_hashes:
             return self.input_hashes[name]
         inside = {k[len(name) + 1:]: v for k, v in self.input_hashes.items() if k.startswith(name + "/")}
-        if not inside:
+        if not inside and not path.is_dir():
             raise KeyError(f"{name} is not an input of this run")
-        return sha256_bytes(canonical_json(inside).encode("utf-8"))
+        return listing_hash(inside)
 
     def write_manifest(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Write ``manifest.parquet``; the loose files it lists need not be hashed again."""
         write_manifest(self.dir / MANIFEST_NAME, rows)
         self.known.update(manifest_hashes(rows))
 
-    def link_shards(self, records: Sequence[ShardRecord], work_dir: Path, subdir: str = "shards") -> None:
-        """Hard-link finished shards from ``work_dir`` into ``subdir`` of the output, with their known hashes."""
+    def add_shards(self, records: Sequence[ShardRecord], work_dir: Path,
+                   subdir: str = SHARDS_DIR) -> list[dict[str, Any]]:
+        """Hard-link finished shards from ``work_dir`` into ``subdir`` of the output (their hashes are
+        known); returns every shard's manifest rows with ``shard`` set to its path in the output."""
         self.known.update(link_shards(records, work_dir, self.dir, subdir))
+        return [{**row, "shard": f"{subdir}/{record.filename}"} for record in records for row in record.rows]
+
+    def write_png(self, name: str, image: NDArray[np.integer]) -> None:
+        """An image of the output (a contact sheet, a preview) as PNG (zlib level 6)."""
+        (self.dir / name).write_bytes(encode_png(image, 6))
 
 
 def manifest_hashes(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -103,7 +116,7 @@ def manifest_hashes(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
 
 
 def link_shards(records: Sequence[ShardRecord], work_dir: Path, out_dir: Path,
-                subdir: str = "shards") -> dict[str, str]:
+                subdir: str = SHARDS_DIR) -> dict[str, str]:
     """Link finished shards from ``work_dir`` into ``out_dir/subdir``; {relative path: sha256}."""
     (out_dir / subdir).mkdir(parents=True, exist_ok=True)
     known = {}

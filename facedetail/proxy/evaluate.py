@@ -29,7 +29,7 @@ from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.fit import FitConfig, ProxyFitter
 from facedetail.proxy.pipeline import OK, photo_to_fit, project_row
 
-__all__ = ["eos_comparison", "expected_outcomes", "fixed_landmark_error", "proxy_metrics", "reason_kind",
+__all__ = ["eos_comparison", "expected_outcomes", "fixed_landmark_error", "proxy_metrics",
            "summarize", "truth_metrics"]
 
 
