@@ -73,6 +73,33 @@ def make_repo(dest: Path, share: Path, *, dvc: bool = True) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory, eos_share: Path) -> Path:
+    """A git + DVC repository with the smallest profile built by one `dvc repro` of every stage.
+
+    Shared by the whole-pipeline tests (the run takes about a minute): treat it as read-only and
+    :func:`copy_repo` it to change anything.
+    """
+    repo = make_repo(tmp_path_factory.mktemp("tiny-pipeline") / "repo", eos_share)
+    shrink_params(repo)
+    sh(["dvc", "repro"], repo)
+    return repo
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    """A copy of a repository (git, DVC cache, outputs) to change without touching ``src``."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def tree_hashes(root: Path, *parts: str) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``root/part`` for each part."""
+    from facedetail.io.hashing import sha256_file
+
+    return {p.relative_to(root).as_posix(): sha256_file(p) for part in parts
+            for p in sorted((root / part).rglob("*")) if p.is_file()}
+
+
 @pytest.fixture
 def repo(tmp_path: Path, eos_share: Path) -> Path:
     """A throw-away git + DVC repository with the pipeline and the eos share files."""
