@@ -23,6 +23,7 @@ from facedetail.config import Config, key_data
 from facedetail.errors import FacedetailError, InterruptedRunError, SourceFileError
 from facedetail.io.lineage import ParentRef
 from facedetail.io.transaction import RunLayout, StageOutput, stage_output
+from facedetail.model.morphable import MorphableModel
 
 PARAMS_FILE = "params.yaml"
 PARTIAL_DIR = Path("data/.partial")
@@ -87,8 +88,6 @@ class Input:
 
 def model_input(path: str) -> Input:
     """The morphable model written by ``face_model``, opened before the run so a non-model fails at once."""
-    from facedetail.model.morphable import MorphableModel
-
     return Input(path, "face_model", check=MorphableModel.load, what="morphable model", kind="file")
 
 

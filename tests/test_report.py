@@ -35,7 +35,7 @@ def test_a_stage_block_counts_items_quarantine_files_and_shows_headlines(tmp_pat
     lines = stage_block(view, tmp_path)
     files = sorted(p for p in (tmp_path / "data/demo").rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files) / 1000
-    assert lines[0] == (f"demo: 3 items; {len(files)} files, {size:.1f} kB; 1 inputs quarantined "
+    assert lines[0] == (f"demo: 3 items; {len(files)} files, {size:.1f} kB; 1 input quarantined "
                         "(see data/demo/quarantine.parquet)")
     assert lines[1] == "    fitted 1,234 · error.median 0.1235"  # absent keys are left out, not shown as None
     assert lines[2] == "    look at data/demo/sheet.png"

@@ -52,6 +52,10 @@ def _number(value: Any) -> str:
     return f"{value:.4g}"
 
 
+def _count(n: Any, noun: str) -> str:
+    return f"{_number(n)} {noun}" + ("" if n == 1 else "s")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -74,10 +78,10 @@ def stage_block(view: StageView, root: Path) -> list[str]:
     metrics = read_json(root / view.metrics) if (root / view.metrics).is_file() else {}
     items = metric(metrics, view.items) if view.items else _rows(out / MANIFEST_NAME)
     if items is not None:
-        made = f"{_number(items)} items; " + made
+        made = f"{_count(items, 'item')}; " + made
     quarantined = _rows(out / QUARANTINE_NAME)
     if quarantined:
-        made += f"; {quarantined:,} inputs quarantined (see {view.out_dir.as_posix()}/{QUARANTINE_NAME})"
+        made += f"; {_count(quarantined, 'input')} quarantined (see {view.out_dir.as_posix()}/{QUARANTINE_NAME})"
     lines = [f"{view.name}: {made}"]
     shown = [f"{key} {_number(metric(metrics, key))}" for key in view.headline if metric(metrics, key) is not None]
     if shown:
