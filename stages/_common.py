@@ -24,8 +24,12 @@ from facedetail.errors import FacedetailError, InterruptedRunError, SourceFileEr
 from facedetail.io.lineage import ParentRef
 from facedetail.io.transaction import RunLayout, StageOutput, stage_output
 from facedetail.model.morphable import MorphableModel
+from facedetail.model.uvmap import UVChartConfig
 
 PARAMS_FILE = "params.yaml"
+SHARED_SECTIONS = ("uv_chart",)
+"""Top-level params sections shared by several stages: a stage whose params model has a field of that
+name gets the section there (and may not set it inside its own section)."""
 PARTIAL_DIR = Path("data/.partial")
 
 
@@ -126,8 +130,15 @@ class Stage(Generic[P]):
 
         Invalid params are a :class:`ParamsError` (one line), which no orchestrator retries.
         """
+        section = load_section(root / params_file, self.name)
+        for shared in SHARED_SECTIONS:
+            if shared in self.params_model.model_fields:
+                if shared in section:
+                    raise ParamsError(f"{params_file}: {self.name}.{shared} is not a stage param: set the "
+                                      f"top-level `{shared}:` section, which every stage that uses it shares")
+                section = {**section, shared: load_section(root / params_file, shared)}
         try:
-            return validate_params(self.params_model, load_section(root / params_file, self.name))
+            return validate_params(self.params_model, section)
         except ValidationError as err:
             raise ParamsError(f"invalid params in {params_file}: {one_line(err)}") from None
 
@@ -174,6 +185,30 @@ def load_section(params_path: Path, section: str) -> dict[str, Any]:
         raise ParamsError(f"{params_path}: section {section!r} must be a mapping of parameters, "
                           f"not a {type(values).__name__}")
     return values
+
+
+def inject_chart(data: Any, *path: str) -> Any:
+    """Params data with ``uv_chart.resolution`` copied to the library config field at ``path``.
+
+    For a ``mode="before"`` validator of a stage whose library config has its own resolution field (e.g.
+    ``process.resolution``): that field is the shared chart's, so setting it in the stage section is an error.
+    """
+    if not isinstance(data, dict):
+        return data
+    chart = data.get("uv_chart") or {}
+    resolution = chart.get("resolution", UVChartConfig().resolution) if isinstance(chart, dict) else None
+    data = dict(data)
+    node: dict[str, Any] = data
+    for key in path[:-1]:
+        child = node.get(key) or {}
+        if not isinstance(child, dict):
+            return data
+        node[key] = child = dict(child)
+        node = child
+    if path[-1] in node:
+        raise ValueError(f"{'.'.join(path)} is the shared `uv_chart.resolution`: set that top-level section instead")
+    node[path[-1]] = resolution
+    return data
 
 
 def worker_count(requested: int) -> int:

@@ -23,6 +23,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pydantic import model_validator
+
 from facedetail.capture.evaluate import capture_metrics, reason_counts
 from facedetail.capture.extract import embree_available
 from facedetail.capture.preview import capture_preview
@@ -34,7 +36,8 @@ from facedetail.errors import FacedetailError, SourceFileError
 from facedetail.io.manifest import file_row
 from facedetail.io.tables import QUARANTINE_NAME, write_quarantine
 from facedetail.io.transaction import StageOutput
-from stages._common import Input, Stage, StageParams, main, model_input, worker_count
+from facedetail.model.uvmap import UVChartConfig
+from stages._common import Input, Stage, StageParams, inject_chart, main, model_input, worker_count
 
 NAME = "capture_gt"
 PREVIEW = "preview.png"
@@ -61,6 +64,13 @@ class CaptureGtParams(StageParams):
     """Displacement shown as black (-) and white (+) on the preview."""
     workers: int = run_only(0, ge=0)
     """Processes; 0 = one per available CPU core."""
+    uv_chart: UVChartConfig = UVChartConfig()
+    """The shared UV chart (top-level ``uv_chart:`` section): the resolution of the maps."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_chart(cls, data: Any) -> Any:
+        return inject_chart(data, "process", "resolution")
 
 
 def inputs(params: CaptureGtParams) -> list[Input]:

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from facedetail.config import content_key, input_path, run_only, set_level
 from facedetail.dictionary.prior import ExpressionDictionary
@@ -32,13 +32,14 @@ from facedetail.io.shards import build_shards, shard_tasks
 from facedetail.io.tables import QUARANTINE_NAME, reason_kind, write_quarantine, write_table
 from facedetail.io.transaction import StageOutput
 from facedetail.model.morphable import MorphableModel
+from facedetail.model.uvmap import UVChartConfig
 from facedetail.proxy.evaluate import proxy_metrics
 from facedetail.proxy.fit import FitConfig
 from facedetail.proxy.inputs import LoadConfig, list_inputs
 from facedetail.proxy.pipeline import OK, ProxyShardWorker, ProxySpec, proxy_table
 from facedetail.proxy.sheet import fit_sheet
 from facedetail.proxy.texture import TextureConfig
-from stages._common import Input, Stage, StageParams, main, model_input, worker_count
+from stages._common import Input, Stage, StageParams, inject_chart, main, model_input, worker_count
 
 NAME = "wild_proxy"
 PROXIES = "proxies.parquet"
@@ -82,6 +83,13 @@ class WildProxyParams(StageParams):
     """Fits drawn on the contact sheet."""
     workers: int = run_only(0, ge=0)
     """Processes; 0 = one per available CPU core."""
+    uv_chart: UVChartConfig = UVChartConfig()
+    """The shared UV chart (top-level ``uv_chart:`` section): the resolution of the textures."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_chart(cls, data: Any) -> Any:
+        return inject_chart(data, "texture", "resolution")
 
 
 def inputs(params: WildProxyParams) -> list[Input]:

@@ -10,34 +10,47 @@ Outputs in ``data/wild_synth/``:
 * ``images/_bad/``: with ``bad_examples: true``, one bad or odd file of each kind, listed with
   the expected outcome in ``bad_examples.parquet`` (file, kind, expected);
 * ``truth.parquet``: per synthetic image its α, β, pose, camera (``K``, ``R``, ``t``, ``P``) and
-  the 68 landmarks with visibility, in the image's pixels; ``file`` is relative to ``images/``;
+  the 68 landmarks with visibility, in the image's pixels; ``file`` is relative to ``images/``; the
+  face's details (``details``: the drawn field as JSON, exact at any resolution) and ``displacement_png``;
+* ``truth/wild-NNNNN.png``: the true UV displacement of each synthetic image at the shared ``uv_chart``
+  resolution, 16-bit, ``d = (png / 65535 · 2 - 1) · displacement_scale_mm``, 0 outside the chart
+  (:func:`facedetail.proxy.synthetic.displacement_truth_png`);
 * ``contact_sheet.png`` (images with their true landmarks), ``manifest.parquet`` (every file under
-  ``images/``), ``lineage.json``; facts go to ``metrics/wild_synth.json``.
+  ``images/`` and ``truth/``), ``lineage.json``; facts go to ``metrics/wild_synth.json`` (among them
+  ``detail_amplitude``, measured on the truth maps).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
-from facedetail.config import content_key, input_path, set_level
+from facedetail.capture.parallel import map_items
+from facedetail.capture.synthetic import amplitude_summary
+from facedetail.config import content_key, input_path, run_only, set_level
 from facedetail.features.photos import astronaut_image
 from facedetail.io.images import encode_png
 from facedetail.io.manifest import file_row
-from facedetail.io.seeds import derive_seed
 from facedetail.io.tables import write_table
 from facedetail.io.transaction import StageOutput
 from facedetail.model.morphable import MorphableModel
-from facedetail.proxy.synthetic import TRUTH_SCHEMA, WildImage, WildSynthConfig, WildSynthesizer, item_id
+from facedetail.model.uvmap import UVChartConfig
+from facedetail.proxy.synthetic import (
+    TRUTH_SCHEMA,
+    WildImage,
+    WildSetWriter,
+    WildSynthConfig,
+    WildSynthesizer,
+)
 from facedetail.proxy.synthreport import BAD_TABLE_SCHEMA, wild_contact_sheet, wild_set_metrics, write_bad_examples
-from stages._common import Input, Stage, StageParams, main, model_input
+from stages._common import Input, Stage, StageParams, main, model_input, worker_count
 
 NAME = "wild_synth"
 IMAGES = "images"
@@ -62,6 +75,10 @@ class WildSynthParams(StageParams):
     """Also write ``images/_bad/``: one bad or odd file of each kind, so the quarantine is exercised."""
     contact_sheet: int = set_level(24, ge=1, le=256)
     """Images shown on the contact sheet (the first ones)."""
+    uv_chart: UVChartConfig = UVChartConfig()
+    """The shared UV chart (top-level ``uv_chart:`` in params.yaml): resolution of the truth displacement PNGs."""
+    workers: int = run_only(0, ge=0)
+    """Processes making images; 0 = one per available CPU core (every image depends on its own seed only)."""
 
 
 def inputs(params: WildSynthParams) -> list[Input]:
@@ -75,24 +92,28 @@ def build(params: WildSynthParams, root: Path, out: StageOutput) -> dict[str, An
     model_path = root / params.model
     item_hash = content_key(params, {"model": out.input_hash(model_path)})
     images = out.dir / IMAGES
-    images.mkdir()
+    images.mkdir(parents=True, exist_ok=True)
+    factory = partial(WildSetWriter, model_path, params.synth, params.seed, NAME, params.uv_chart.resolution,
+                      out.dir, params.contact_sheet)
+    results = map_items(factory, list(range(params.count)), worker_count(params.workers), desc=NAME, unit="img")
     rows: list[dict[str, Any]] = []
-    truth: list[dict[str, Any]] = []
     sheet: list[tuple[np.ndarray, WildImage]] = []
-    with WildSynthesizer(MorphableModel.load(model_path), params.synth) as synth:
-        for index in tqdm(range(params.count), desc=NAME, unit="img", mininterval=1.0, disable=None):
-            item = item_id(index)
-            image = synth.make(item, derive_seed(params.seed, NAME, item))
-            (images / f"{item}.jpg").write_bytes(image.jpeg)
-            rows.append(file_row(out.dir, f"{IMAGES}/{item}.jpg", item_id=item, seed=image.seed,
-                                 params_hash=item_hash, kind="synthetic", label=image.sample.label))
-            truth.append(image.truth())
-            if len(sheet) < params.contact_sheet:
-                sheet.append((cv2.imdecode(np.frombuffer(image.jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1], image))
-        (images / ASTRONAUT).write_bytes(encode_png(np.ascontiguousarray(astronaut_image()), 6))
-        rows.append(file_row(out.dir, f"{IMAGES}/{ASTRONAUT}", item_id="astronaut", params_hash=item_hash,
-                             kind="photo", label=None))
-        bad = write_bad_examples(synth, params.seed, NAME, images) if params.bad_examples else []
+    for r in results:
+        rows.append(file_row(out.dir, r["image_file"], item_id=r["item"], seed=r["seed"],
+                             params_hash=item_hash, kind="synthetic", label=r["label"]))
+        rows.append(file_row(out.dir, r["truth"]["displacement_png"], item_id=f"{r['item']}/displacement",
+                             seed=r["seed"], params_hash=item_hash, kind="truth_displacement", label=r["label"]))
+        if r["image"] is not None:
+            jpeg = r["image"].jpeg
+            sheet.append((cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1], r["image"]))
+    truth = [r["truth"] for r in results]
+    (images / ASTRONAUT).write_bytes(encode_png(np.ascontiguousarray(astronaut_image()), 6))
+    rows.append(file_row(out.dir, f"{IMAGES}/{ASTRONAUT}", item_id="astronaut", params_hash=item_hash,
+                         kind="photo", label=None))
+    bad: list[dict[str, str]] = []
+    if params.bad_examples:
+        with WildSynthesizer(MorphableModel.load(model_path), params.synth) as synth:
+            bad = write_bad_examples(synth, params.seed, NAME, images)
     rows += [file_row(out.dir, f"{IMAGES}/{b['file']}", item_id=b["file"], params_hash=item_hash, kind="bad_example",
                       label=None) for b in bad]
     write_table(out.dir / TRUTH, pa.Table.from_pylist(sorted(truth, key=lambda r: r["id"]), schema=TRUTH_SCHEMA))
@@ -100,7 +121,11 @@ def build(params: WildSynthParams, root: Path, out: StageOutput) -> dict[str, An
                                               schema=BAD_TABLE_SCHEMA))
     out.write_manifest(rows)
     out.write_png(CONTACT_SHEET, wild_contact_sheet(sheet))
-    out.metrics = {**wild_set_metrics(truth, bad), "params_hash": item_hash}
+    out.metrics = {**wild_set_metrics(truth, bad),
+                   "detail_amplitude": amplitude_summary([r["amplitude"] for r in results]),
+                   "uv_resolution": params.uv_chart.resolution,
+                   "truth_clipped_texels": int(sum(r["displacement_clipped"] for r in truth)),
+                   "params_hash": item_hash}
     return {"images": params.count, "bad_examples": len(bad), "seconds": round(time.perf_counter() - start, 1)}
 
 

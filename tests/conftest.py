@@ -68,6 +68,7 @@ def make_repo(dest: Path, share: Path, *, dvc: bool = True) -> Path:
     if dvc:
         sh(["dvc", "init", "-q"], dest)
         sh(["dvc", "config", "core.analytics", "false"], dest)
+        shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")  # the project's plot templates
     sh(["git", "add", "-A"], dest)
     sh(["git", "commit", "-q", "-m", "pipeline"], dest)
     return dest
@@ -125,7 +126,7 @@ TINY_TRAIN = {"epochs": 2, "batch_size": 8, "lr": 0.001, "weight_decay": 0.0001,
 # Renders large enough for dlib's HOG detector (its smallest face is about 80 px).
 TINY_FACES = {**TINY_RENDER, "count": 12, "shard_size": 6, "image_size": 192}
 # wild_proxy on the tiny wild set: one process, small textures, a short eos comparison.
-TINY_PROXY = {"workers": 1, "shard_size": 4, "eos_compare_max": 3, "sheet_faces": 4, "texture": {"resolution": 64}}
+TINY_PROXY = {"workers": 1, "shard_size": 4, "eos_compare_max": 3, "sheet_faces": 4}
 
 
 def _merge(into: dict, values: dict) -> None:
@@ -141,12 +142,13 @@ def set_params(repo: Path, section: str, **values: object) -> None:
     import yaml
 
     data = yaml.safe_load((repo / "params.yaml").read_text())
-    _merge(data[section], values)
+    _merge(data.setdefault(section, {}), values)
     (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def shrink_params(repo: Path) -> None:
     """The smallest profile that still runs every stage: for end-to-end tests."""
+    set_params(repo, "uv_chart", resolution=TINY_CHART)
     set_params(repo, "face_model", preview_size=64)
     set_params(repo, "render_expressions", **TINY_FACES)
     set_params(repo, "render_faces", workers=1, holdout_fraction=0.25)
@@ -156,12 +158,31 @@ def shrink_params(repo: Path) -> None:
     set_params(repo, "wild_synth", count=6, synth={"image_size": 192, "size_jitter": 0.1}, bad_examples=False,
                contact_sheet=6)
     set_params(repo, "wild_proxy", **TINY_PROXY)
+    set_params(repo, "detail_pairs", **TINY_PAIRS)
+    set_params(repo, "detail_pca", **TINY_PCA)
+    set_params(repo, "train_detail", **TINY_TRAIN_DETAIL)
 
 
 # Capture stages (issue 6): one subject x 3 expressions at 192² (1.2 mm texels) from coarse scans
 # (1.2 mm edges), with wrinkles and pores widened so that both sample them.
-TINY_SYNTH_SET = {"resolution": 192, "scan": {"edge_mm": 1.2},
+# Photos at 256² (2 per item, rendering the 1.2 mm scan subdivision): ~0.15 s each.
+TINY_SYNTH_SET = {"resolution": 192, "scan": {"edge_mm": 1.2}, "photo": {"size": 256},
                   "details": {"wrinkle_width_mm": 1.5, "fold_width_mm": 2.5, "pore_wavelength_mm": [4.0, 8.0]}}
-TINY_CAPTURE_SYNTH = {"subjects": 1, "workers": 1, "synth": TINY_SYNTH_SET}
-TINY_CAPTURE_GT = {"workers": 1, "preview_items": 2, "preview_tile": 128, "process": {"resolution": 192},
+# The stage takes its map resolution from the shared top-level `uv_chart:` section (TINY_CHART in
+# shrink_params; pass {"uv_chart": {"resolution": TINY_CHART}} when building the params directly), not from synth.
+TINY_CAPTURE_SYNTH = {"subjects": 2, "workers": 1,
+                      "synth": {k: v for k, v in TINY_SYNTH_SET.items() if k != "resolution"}}
+TINY_CAPTURE_GT = {"workers": 1, "preview_items": 2, "preview_tile": 128,
                    "patches": {"size": 32, "stride": 16, "overlap": 16}}
+# The detail path on the tiny chart: 32² patches, a narrow network, two short epochs.
+TINY_CHART = 192
+TINY_HOLDOUT = {"holdout_fraction": 0.34, "split_seed": 7}  # of s000, s001: s000 held out
+TINY_PAIRS = {"workers": 1, "shard_size": 4}
+TINY_PCA = {"patch_size": 32, "stride": 16, "overlap": 16, "components": 8, **TINY_HOLDOUT}
+TINY_NETWORK = {"patch_size": 32, "generator": {"ngf": 8, "downsamplings": 5}, "fc_hidden": [64, 32],
+                "pca_components": 8, "refine": {"ngf": 8, "downsamplings": 3},
+                "discriminator": {"ndf": 8, "layers": 2}}
+TINY_TRAIN_DETAIL = {"region_overlap": 16, **TINY_HOLDOUT, "preview_patches": 2, "threads": 1,
+                     "train": {"network": TINY_NETWORK, "stride": 16, "eval_patches": 16,
+                               "schedule": {"epochs": 2, "warmup_epochs": 1, "patches_per_epoch": 16,
+                                            "batch_size": 8}}}

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import TINY_CAPTURE_GT, TINY_CAPTURE_SYNTH, sh, shrink_params, tool_env
+from conftest import TINY_CAPTURE_GT, TINY_CAPTURE_SYNTH, TINY_CHART, sh, shrink_params, tool_env
 
 from facedetail.capture import UPPER, cut_patches, face_regions, list_items, load_item
 from facedetail.capture.maps import decode_png, u16_to_displacement
@@ -36,10 +36,14 @@ EXPECTED_REASON = {
 }
 
 
+CHART = {"uv_chart": {"resolution": TINY_CHART}}
+
+
 def _build(root: Path, workers: int = 1) -> None:
-    capture_synth.run(capture_synth.CaptureSynthParams(**{**TINY_CAPTURE_SYNTH, "workers": workers,
-                                                          "bad_examples": True}), root)
-    capture_gt.run(capture_gt.CaptureGtParams(**{**TINY_CAPTURE_GT, "workers": workers}), root)
+    chart = CHART
+    capture_synth.run(capture_synth.CaptureSynthParams(**{**TINY_CAPTURE_SYNTH, "subjects": 1, "workers": workers,
+                                                          "bad_examples": True, **chart}), root)
+    capture_gt.run(capture_gt.CaptureGtParams(**{**TINY_CAPTURE_GT, "workers": workers, **chart}), root)
 
 
 def _files(out: Path) -> dict[str, str]:
@@ -77,7 +81,7 @@ def test_maps_manifest_and_png_scale(built: Path) -> None:
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert verify_manifest(out) == []
     assert (out / "lineage.json").is_file() and (out / "preview.png").is_file()
-    R = TINY_CAPTURE_GT["process"]["resolution"]
+    R = TINY_CHART
     model = MorphableModel.load(built / "data/face_model/model.npz")
     chart = int(rasterize_uv(model.uv, model.triangles, R).covered.sum())
     rows = {r["id"]: r for r in manifest}
@@ -111,7 +115,7 @@ def test_accuracy_metrics(built: Path) -> None:
     # Bound derived in test_capture_synth.test_extraction_matches_the_analytic_displacement.
     assert accuracy["mae_mm_max"] < 0.8 * 0.01 + 0.005
     assert accuracy["relative_mae"] < 0.5
-    assert metrics["ray_backend"] == ["embree"] and metrics["resolution"] == TINY_CAPTURE_GT["process"]["resolution"]
+    assert metrics["ray_backend"] == ["embree"] and metrics["resolution"] == TINY_CHART
     assert metrics["patches"]["total"]["upper"] > 0 and metrics["patches"]["total"]["lower"] > 0
     synth = json.loads((built / "metrics/capture_synth.json").read_text())
     assert synth["items"] == 3 and synth["bad_examples"] == len(BAD_KINDS)
@@ -145,8 +149,7 @@ def test_dvc_repro_of_the_capture_stages(repo: Path) -> None:
     assert "render_expressions" not in lock, "capture_gt depends on the face model only"
     deps = {d["path"] for d in lock["capture_gt"]["deps"]}
     assert {"data/capture_synth", "data/face_model/model.npz", "stages/capture_gt.py", "facedetail/capture"} <= deps
-    locked = lock["capture_gt"]["params"]["params.yaml"]["capture_gt"]
-    assert locked["process"]["resolution"] == TINY_CAPTURE_GT["process"]["resolution"]
+    assert lock["capture_gt"]["params"]["params.yaml"]["uv_chart"]["resolution"] == TINY_CHART
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert "mae_mm_mean" in json.dumps(shown)
     assert "up to date" in sh(["dvc", "status", "capture_gt"], repo).stdout
@@ -170,7 +173,7 @@ def test_an_unexpected_error_in_one_item_is_quarantined(built: Path, tmp_path: P
     info = json.loads((odd / "capture.json").read_text())
     np.savez(odd / "gt.npz", d=np.zeros((4, 4)))
     (odd / "capture.json").write_text(json.dumps({**info, "ground_truth": "gt.npz"}))
-    capture_gt.run(capture_gt.CaptureGtParams(**{**TINY_CAPTURE_GT, "preview_items": 0}), root)
+    capture_gt.run(capture_gt.CaptureGtParams(**{**TINY_CAPTURE_GT, "preview_items": 0, **CHART}), root)
     (row,) = pq.read_table(root / "data/capture_gt/quarantine.parquet").to_pylist()
     assert row["id"] == "s000/neutral" and row["reason"].startswith("unexpected error: AttributeError"), row
     assert list_items(root / "data/capture_gt") == ["s000/happiness", "s000/surprise"]
@@ -186,7 +189,7 @@ def test_a_killed_capture_gt_resumes_from_its_finished_items(built: Path, tmp_pa
     root = tmp_path / "killed"
     for part in ("data/face_model", "data/capture_synth"):
         shutil.copytree(built / part, root / part)
-    (root / "params.yaml").write_text(yaml.safe_dump({"capture_gt": TINY_CAPTURE_GT}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"capture_gt": TINY_CAPTURE_GT, **CHART}))
     work = root / "data/.partial/capture_gt"
     proc = subprocess.Popen([sys.executable, "-m", "stages.capture_gt", "--root", str(root)],
                             cwd=Path(__file__).resolve().parents[1], env=tool_env(), start_new_session=True,
@@ -203,7 +206,7 @@ def test_a_killed_capture_gt_resumes_from_its_finished_items(built: Path, tmp_pa
     items = len(discover_items(built / "data/capture_synth"))
     assert 1 <= finished < items
 
-    result = capture_gt.run(capture_gt.CaptureGtParams(**TINY_CAPTURE_GT), root)
+    result = capture_gt.run(capture_gt.CaptureGtParams(**TINY_CAPTURE_GT, **CHART), root)
     assert result.summary["items_reused"] >= finished
     assert result.summary["items_built"] == items - result.summary["items_reused"]
     assert _files(root / "data/capture_gt") == _files(built / "data/capture_gt")
@@ -216,7 +219,7 @@ def test_an_empty_item_folder_is_quarantined_not_fatal(built: Path, tmp_path: Pa
     shutil.copytree(built / "data/face_model", root / "data/face_model")
     shutil.copytree(built / "data/capture_synth/s000/neutral", root / "data/capture_synth/s000/neutral")
     (root / "data/capture_synth/s999/neutral").mkdir(parents=True)
-    result = capture_gt.run(capture_gt.CaptureGtParams(**{**TINY_CAPTURE_GT, "preview_items": 0}), root)
+    result = capture_gt.run(capture_gt.CaptureGtParams(**{**TINY_CAPTURE_GT, "preview_items": 0, **CHART}), root)
     reasons = {r["id"]: r["reason"] for r in pq.read_table(root / "data/capture_gt/quarantine.parquet").to_pylist()}
     assert list(reasons) == ["s999/neutral"] and reasons["s999/neutral"].startswith("missing capture.json")
     assert result.summary["processed"] == 1

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY_CAPTURE_GT, TINY_SYNTH_SET
+from conftest import TINY_CAPTURE_GT, TINY_CHART, TINY_SYNTH_SET
 
 from facedetail.capture.evaluate import capture_metrics, reason_counts
 from facedetail.capture.maps import MAP_FILES, load_item
@@ -38,7 +38,7 @@ from facedetail.io.manifest import verify_manifest, write_manifest
 from facedetail.io.seeds import derive_seed
 from facedetail.render.sheet import LABEL_HEIGHT
 
-R = TINY_CAPTURE_GT["process"]["resolution"]
+R = TINY_CHART
 CONFIG = CaptureConfig(resolution=R)
 PATCHES = PatchCountConfig(**TINY_CAPTURE_GT["patches"])
 SEED = 2019

@@ -20,10 +20,15 @@ DATA_FILES = ("face_model/model.npz", "face_model/manifest.parquet", "face_model
               "dictionary/dictionary.json", "wild_synth/truth.parquet", "wild_synth/images/wild-00000.jpg",
               "wild_proxy/proxies.parquet", "wild_proxy/quarantine.parquet", "wild_proxy/shards/shard-00000.tar",
               "wild_proxy/contact_sheet.png", "capture_synth/manifest.parquet", "capture_gt/manifest.parquet",
+              "detail_pairs/manifest.parquet", "detail_pairs/shards/pairs-00000.tar", "detail_pca/bases.safetensors",
+              "train_detail/detail_net.safetensors", "train_detail/preview.png",
               # the content lineage records are deterministic too: no run id, time or host in an output
               *(f"{stage}/lineage.json" for stage in ("face_model", "render_expressions", "render_faces",
                                                       "emotion_net", "dictionary", "wild_synth", "wild_proxy",
-                                                      "capture_synth", "capture_gt")))
+                                                      "capture_synth", "capture_gt", "detail_pairs", "detail_pca",
+                                                      "train_detail")))
+STAGES = {"face_model", "render_expressions", "render_faces", "emotion_net", "dictionary", "wild_synth", "wild_proxy",
+          "capture_synth", "capture_gt", "detail_pairs", "detail_pca", "train_detail"}
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +114,11 @@ def test_flow_matches_dvc_repro(prefect_harness, tmp_path: Path, eos_share: Path
     flow_repo = make_repo(tmp_path / "flow", eos_share, dvc=False)
     shrink_params(flow_repo)
 
+    from flows.dag import stage_order
+
     results = pipeline(root=str(flow_repo))
-    assert [r["stage"] for r in results] == ["face_model", "render_expressions", "render_faces", "emotion_net",
-                                             "dictionary", "wild_synth", "wild_proxy", "capture_synth", "capture_gt"]
+    assert [r["stage"] for r in results] == [name for name, _ in stage_order(tiny_pipeline)]
+    assert {r["stage"] for r in results} == STAGES
     outs = [f"data/{r['stage']}" for r in results]
     flow_files, dvc_files = tree_hashes(flow_repo, *outs, "metrics"), tree_hashes(tiny_pipeline, *outs, "metrics")
     assert {f"data/{name}" for name in DATA_FILES} <= set(dvc_files)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_FACES, TINY_PROXY, TINY_TRAIN
+from conftest import TINY_CHART, TINY_FACES, TINY_PROXY, TINY_TRAIN
 
 from facedetail.errors import SourceFileError
 from facedetail.features.landmarks import DetectorConfig
@@ -24,7 +24,8 @@ from facedetail.proxy.pipeline import OK, TEXTURE_EXT, ProxyShardWorker, ProxySp
 from facedetail.proxy.texture import TextureConfig
 from stages import dictionary, emotion_net, render_expressions, render_faces, wild_proxy, wild_synth
 
-SYNTH = {"count": 6, "synth": {"image_size": 192, "size_jitter": 0.1}, "bad_examples": True, "contact_sheet": 6}
+SYNTH = {"count": 6, "synth": {"image_size": 192, "size_jitter": 0.1}, "bad_examples": True, "contact_sheet": 6,
+         "uv_chart": {"resolution": TINY_CHART}}
 
 
 def _files(out: Path) -> dict[str, str]:
@@ -33,7 +34,7 @@ def _files(out: Path) -> dict[str, str]:
 
 
 def _params(**values: object) -> wild_proxy.WildProxyParams:
-    base = {**TINY_PROXY, "eos_share": "eos-share"}
+    base = {**TINY_PROXY, "eos_share": "eos-share", "uv_chart": {"resolution": TINY_CHART}}
     return wild_proxy.WildProxyParams.model_validate({**base, **values})
 
 
@@ -72,7 +73,7 @@ def test_every_input_has_one_row_and_fits_are_stored(built: Path) -> None:
     # The stored texture: RGBA at the configured resolution, alpha = visibility.
     sample = read_tar_samples(out / astro["shard"], [astro["id"]])[0]
     rgba = decode_png(sample[TEXTURE_EXT], alpha=True)
-    res = TINY_PROXY["texture"]["resolution"]
+    res = TINY_CHART
     assert rgba.shape == (res, res, 4) and set(np.unique(rgba[..., 3])) <= {0, 255}
     assert (rgba[..., 3] > 0).mean() == pytest.approx(astro["texture_coverage"])
     assert rgba[..., :3][rgba[..., 3] == 0].max() == 0

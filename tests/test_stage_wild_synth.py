@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +15,28 @@ from conftest import sh, shrink_params
 from PIL import Image
 from pydantic import ValidationError
 
+from facedetail.capture.maps import decode_png, u16_to_displacement
+from facedetail.capture.synthetic import (
+    DetailConfig,
+    SampledDetails,
+    SyntheticDetails,
+    expression_beta,
+    family_strengths,
+)
 from facedetail.features.landmarks import NO_FACE, LandmarkDetector
 from facedetail.io.hashing import sha256_file
 from facedetail.io.manifest import verify_manifest
 from facedetail.model.anchors import landmark_anchors
 from facedetail.model.morphable import MorphableModel
+from facedetail.model.uvmap import rasterize_uv
 from facedetail.proxy.inputs import LoadConfig, LoadedPhoto, LoadFailure, list_inputs, load_photo
-from facedetail.proxy.synthetic import TRUTH_SCHEMA, ClutterConfig, WildSynthConfig
-from facedetail.render.sampling import label_names
+from facedetail.proxy.synthetic import TRUTH_SCHEMA, ClutterConfig, WildSynthConfig, WildSynthesizer
+from facedetail.render.sampling import label_names, sample_render
 from stages import wild_synth as stage
 
 OUT = Path("data/wild_synth")
-TINY = {"count": 6, "synth": {"image_size": 192, "size_jitter": 0.1}, "contact_sheet": 6}
+TINY = {"count": 6, "synth": {"image_size": 192, "size_jitter": 0.1}, "contact_sheet": 6, "workers": 1,
+        "uv_chart": {"resolution": 128}}
 BAD = ("cmyk.jpg", "empty.jpg", "exif_rotated.jpg", "grayscale.png", "huge_15000.png", "large_6000.jpg",
        "no_face.jpg", "not_an_image.png", "palette.png", "rgba.png", "sixteen_bit.png", "tiny.png", "truncated.jpg")
 
@@ -61,13 +72,14 @@ def test_outputs_manifest_and_tables(built: Path, model_npz: Path) -> None:
     out = built / OUT
     ids = [f"wild-{i:05d}" for i in range(6)]
     expected = {f"images/{i}.jpg" for i in ids} | {"images/astronaut.png"} | {f"images/_bad/{b}" for b in BAD}
-    assert set(_files(built)) == expected | {"truth.parquet", "bad_examples.parquet", "manifest.parquet",
-                                             "contact_sheet.png", "lineage.json"}
+    maps = {f"truth/{i}.png" for i in ids}
+    assert set(_files(built)) == expected | maps | {"truth.parquet", "bad_examples.parquet", "manifest.parquet",
+                                                    "contact_sheet.png", "lineage.json"}
     assert (out / "lineage.json").is_file()
     assert verify_manifest(out) == []
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
-    assert {r["path"] for r in manifest} == expected
-    assert {r["kind"] for r in manifest} == {"synthetic", "photo", "bad_example"}
+    assert {r["path"] for r in manifest} == expected | maps
+    assert {r["kind"] for r in manifest} == {"synthetic", "photo", "bad_example", "truth_displacement"}
 
     # the images folder is what wild_proxy lists, exactly like a user's photo folder
     listed = [i.relative for i in list_inputs(out / "images")]
@@ -91,6 +103,8 @@ def test_outputs_manifest_and_tables(built: Path, model_npz: Path) -> None:
 
     metrics = json.loads((built / "metrics/wild_synth.json").read_text())
     assert metrics["images"] == 6 and metrics["bad_examples"] == len(BAD)
+    assert metrics["uv_resolution"] == 128 and metrics["truth_clipped_texels"] == 0
+    assert set(metrics["detail_amplitude"]["max_depth_mm"]) == {"forehead", "frown", "crows_feet", "nasolabial"}
     assert sum(metrics["label_counts"].values()) == 6
     with Image.open(out / "images/astronaut.png") as img:
         assert img.size == (512, 512)
@@ -114,6 +128,64 @@ def test_truth_landmarks_are_the_model_projected_by_the_stored_camera(built: Pat
         assert visible.sum() >= 40
         inside = (uv[visible] >= -0.5).all() and (uv[visible] <= row["width"] - 0.5).all()
         assert inside, "visible landmarks are in the image"
+
+
+def test_truth_displacement_png_is_the_drawn_field(built: Path, sfm_model) -> None:
+    """Each image's details: the JSON is the field that was drawn (depths follow β), and the 16-bit truth PNG
+    decodes to it at the chart's texel centres within one quantisation step, 0 outside the chart."""
+    raster = rasterize_uv(sfm_model.uv, sfm_model.triangles, 128)
+    rows = pq.read_table(built / OUT / "truth.parquet").to_pylist()
+    for row in rows:
+        drawn = json.loads(row["details"])
+        details = SyntheticDetails.from_json(drawn["details"])
+        assert drawn["strengths"] == family_strengths(sfm_model, np.array(row["beta"]), DetailConfig().neutral_fraction)
+        png = decode_png(built / OUT / row["displacement_png"])
+        assert png.dtype == np.uint16 and png.shape == (128, 128) and row["uv_resolution"] == 128
+        assert (png[~raster.covered] == 0).all() and (png[raster.covered] > 0).all()
+        scale = row["displacement_scale_mm"]
+        decoded = u16_to_displacement(png, scale)[raster.covered]
+        exact = details.evaluate(raster.texel_uv[raster.covered])
+        step = 2.0 * scale / 65535
+        assert np.abs(decoded - exact).max() <= step, row["id"]
+        assert row["displacement_clipped"] == 0 and np.abs(exact).max() > 0.1  # grooves, not only pores
+    assert len({r["details"] for r in rows}) == len(rows), "a new detail layout per image"
+
+
+def test_the_rendered_field_is_the_drawn_one(sfm_model) -> None:
+    """Renders read the pores from a UV grid: within 0.003 mm of the exact field (pores RMS 0.015 mm)."""
+    with WildSynthesizer(sfm_model, WildSynthConfig(image_size=96, size_jitter=0.0)) as synth:
+        sample = sample_render(np.random.default_rng(1), synth.config.sampling, sfm_model)
+        details, _ = synth.draw_details(sample, np.random.default_rng(2))
+    uv = np.random.default_rng(3).uniform(0.05, 0.95, (20_000, 2))
+    error = np.abs(SampledDetails(details).evaluate(uv) - details.evaluate(uv))
+    assert error.max() < 0.003 and np.sqrt(np.mean(error ** 2)) < 0.001
+
+
+def test_wild_photos_show_their_details(sfm_model) -> None:
+    """A wild render with its details differs from the same face without them where the grooves are."""
+    config = WildSynthConfig(image_size=192, size_jitter=0.0)
+    with WildSynthesizer(sfm_model, config) as synth:
+        face_seq, _, detail_seq = np.random.SeedSequence(7).spawn(3)
+        sample = sample_render(np.random.default_rng(face_seq), config.sampling, sfm_model)
+        # A smile at full weight: crow's feet and nasolabial folds at full depth.
+        sample = replace(sample, beta=expression_beta(sfm_model, "happiness"), yaw=5.0, pitch=0.0, roll=0.0)
+        details, _ = synth.draw_details(sample, np.random.default_rng(detail_seq))
+        detailed = synth.renderer.render(sample, SampledDetails(details))
+        plain = synth.renderer.render(sample, None)
+        surface_uv = synth.renderer.map.apply(sfm_model.uv)
+    diff = np.abs(detailed.image.astype(int) - plain.image.astype(int)).max(axis=2)
+    inside = detailed.mask & plain.mask
+    # The folds project where the subdivided proxy's grooved vertices are.
+    xy = surface_uv * details.mm_per_uv
+    grooved = np.abs(sum(g.evaluate(xy) for g in details.grooves if g.family == "nasolabial")) > 0.1
+    vertices = synth.renderer.map.apply(sfm_model.vertices(sample.alpha, sample.beta))
+    P = detailed.projection
+    hom = np.column_stack([vertices[grooved], np.ones(int(grooved.sum()))]) @ P.T
+    px = np.round(hom[:, :2] / hom[:, 2:]).astype(int)
+    folds = np.zeros(diff.shape, bool)
+    folds[px[:, 1], px[:, 0]] = True
+    assert diff[folds & inside].mean() > 3.0 * diff[inside & ~folds].mean()
+    assert (diff[folds & inside] >= 4).sum() >= 20
 
 
 def test_truth_landmarks_sit_on_the_face_in_the_pixels(built: Path, detector: LandmarkDetector) -> None:
@@ -194,8 +266,8 @@ def test_dvc_repro_wild_synth(repo: Path) -> None:
     assert {"data/face_model/model.npz", "stages/wild_synth.py", "facedetail/proxy/synthetic.py"} <= deps
     assert lock["wild_synth"]["params"]["params.yaml"]["wild_synth"]["count"] == 6
     outs = {o["path"]: o for o in lock["wild_synth"]["outs"]}
-    # 6 images + astronaut + truth, bad_examples, manifest, contact sheet, lineage
-    assert outs["data/wild_synth"]["nfiles"] == 12
+    # 6 images + their 6 truth maps + astronaut + truth, bad_examples, manifest, contact sheet, lineage
+    assert outs["data/wild_synth"]["nfiles"] == 18
     assert verify_manifest(repo / OUT) == []
     assert "up to date" in sh(["dvc", "status", "wild_synth"], repo).stdout
     assert json.loads((repo / "metrics/wild_synth.json").read_text())["images"] == 6

@@ -8,7 +8,8 @@ Layout: one folder per subject and expression, ``<root>/<subject>/<expression>/`
   not used: only the geometry makes the displacement);
 * the proxy: ``proxy.json`` with the model coefficients ``{"alpha": [...], "beta": [...]}``,
   or ``proxy.ply`` / ``proxy.obj``, a mesh in the face model's topology;
-* optionally photos, and (synthetic sets) ``displacement_gt.npy``, the analytic displacement.
+* optionally photos (synthetic sets: ``photo-<k>.png``, listed with their camera ``P`` and SH light as
+  :class:`PhotoInfo`), and (synthetic sets) ``displacement_gt.npy``, the analytic displacement.
 
 Every problem with an item raises :class:`CaptureError` whose message starts with a short
 kind (``missing scan:``, ``wrong units:``, ...) followed by the specifics, so that the stage
@@ -51,6 +52,25 @@ class CaptureError(FacedetailError):
         super().__init__(f"{kind}: {detail}")
 
 
+class PhotoInfo(BaseModel):
+    """One photo of a capture item, with what is known about how it was taken."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    file: str
+    """Image file, relative to the item folder."""
+    P: list[list[float]] | None = None
+    """(3, 4) camera matrix from the proxy's frame (model coordinates, mm) to pixels:
+    ``(u w, v w, w) = P (X, 1)``, pixel (0, 0) the centre of the top-left pixel (``facedetail.render.camera``).
+    Absent: the camera is fitted to the photo's landmarks."""
+    camera_file: str | None = None
+    """A JSON file beside the photo holding ``{"P": [[...], [...], [...]]}``, instead of an inline ``P``."""
+    sh: list[list[float]] | None = None
+    """(9, 3) SH lighting the photo was rendered with (synthetic sets only; ``facedetail.render.sh`` order), in
+    the proxy's model frame: ``pixel / 255 ≈ albedo ⊙ max(0, Y(n) sh)`` for model-frame unit normals ``n``
+    (the frame of the UV chart's normal maps; a synthetic set also lists ``sh_camera``, for ``R n``)."""
+
+
 class CaptureInfo(BaseModel):
     """``capture.json`` of one item: declared units and the files that make it up."""
 
@@ -64,8 +84,9 @@ class CaptureInfo(BaseModel):
     """Proxy file; default: the first of ``proxy.json``, ``proxy.ply``, ``proxy.obj`` that exists."""
     proxy_units: Units | None = None
     """Unit of a proxy mesh, when it differs from ``units`` (coefficients have none)."""
-    photos: list[str] = []
-    """Photos of the subject in this expression, relative to the folder (optional)."""
+    photos: list[str | PhotoInfo] = []
+    """Photos of the subject in this expression (optional): a file name relative to the folder, or a
+    :class:`PhotoInfo` with its camera."""
     ground_truth: str | None = None
     """Known displacement map (float32 .npy, mm; NaN outside the UV chart), e.g. of a synthetic scan."""
 

@@ -148,7 +148,7 @@ def _fit_sh(tex: Tensor, basis: Tensor, ridge: float) -> Tensor:
     return torch.linalg.solve(gram + (ridge * diag + 1e-12)[:, None, None] * eye, rhs)
 
 
-def _smooth_albedo(tex: Tensor, shading: Tensor, mask: Tensor, sigma_px: float) -> Tensor:
+def smooth_albedo(tex: Tensor, shading: Tensor, mask: Tensor, sigma_px: float) -> Tensor:
     """``blur(ratio·m) / blur(m)`` of ``ratio = tex / shading`` over the lit texels ``m`` of ``mask``."""
     # Texels the light barely reaches would divide noise by ~0; they are left out of the average.
     lit = mask & (shading > 1e-3 * shading.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12))
@@ -159,6 +159,21 @@ def _smooth_albedo(tex: Tensor, shading: Tensor, mask: Tensor, sigma_px: float) 
     else:
         numerator, denominator = ratio * weight, weight
     return torch.where(denominator > 1e-3, numerator / denominator.clamp_min(1e-3), 0.0)
+
+
+def estimate_sh(texture: Tensor, proxy_normals: Tensor, mask: Tensor, ridge: float = 1e-9) -> Tensor:
+    """(B, 9, 3) step 1 of :func:`estimate_lighting` alone: the SH lighting, without the smooth albedo."""
+    with torch.no_grad():
+        tex, normals, m = _lighting_inputs(texture, proxy_normals, mask)
+        return _fit_sh(tex, sh_basis_torch(normals) * m, ridge).to(texture.dtype)
+
+
+def _lighting_inputs(texture: Tensor, proxy_normals: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    tex = texture.detach().to(torch.float64)
+    normals = proxy_normals.detach().to(torch.float64)
+    m = _as_mask(mask, tex) & (torch.linalg.vector_norm(normals, dim=1, keepdim=True) > 0.5)
+    m = m & torch.isfinite(tex).all(dim=1, keepdim=True)
+    return torch.where(m, tex, 0.0), normals, m
 
 
 def estimate_lighting(texture: Tensor, proxy_normals: Tensor, mask: Tensor, albedo_sigma_px: float,
@@ -189,12 +204,8 @@ def estimate_lighting(texture: Tensor, proxy_normals: Tensor, mask: Tensor, albe
     """
     with torch.no_grad():
         dtype = texture.dtype
-        tex = texture.detach().to(torch.float64)
-        normals = proxy_normals.detach().to(torch.float64)
-        m = _as_mask(mask, tex) & (torch.linalg.vector_norm(normals, dim=1, keepdim=True) > 0.5)
-        m = m & torch.isfinite(tex).all(dim=1, keepdim=True)
-        tex = torch.where(m, tex, 0.0)
+        tex, normals, m = _lighting_inputs(texture, proxy_normals, mask)
         basis = sh_basis_torch(normals) * m
         sh = _fit_sh(tex, basis, ridge)
-        albedo = _smooth_albedo(tex, sh_shading(normals, sh), m, albedo_sigma_px)
+        albedo = smooth_albedo(tex, sh_shading(normals, sh), m, albedo_sigma_px)
         return albedo.to(dtype), sh.to(dtype)

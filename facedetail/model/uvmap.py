@@ -22,12 +22,23 @@ from functools import cached_property
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from pydantic import Field
+
+from facedetail.config import Config
 
 # Candidate texels evaluated per chunk of triangles: bounds the temporary arrays (~200 MB).
 _CHUNK_TEXELS = 4_000_000
 # A centre this close to an edge (in barycentric units) counts as on it: absorbs the float64
 # rounding of the edge functions so that no texel between two triangles is lost.
 _EDGE_EPS = 1e-12
+
+
+class UVChartConfig(Config):
+    """The one UV chart of the detail path: texel (row, col) of every map at this resolution is the same
+    surface point, whether it is a ground-truth displacement, a photo's UV texture or a network output."""
+
+    resolution: int = Field(1024, ge=16, le=8192)
+    """Side of every square UV map of the detail path, in texels (the release: 4096)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,11 +25,10 @@ from facedetail.io.shards import ShardTask, write_tar_shard
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.fit import FitConfig, ProxyFitter
 from facedetail.proxy.inputs import InputItem, LoadConfig, LoadedPhoto, LoadFailure, load_photo
-from facedetail.proxy.texture import TextureConfig, UVTexels, unwrap
+from facedetail.proxy.texture import TEXTURE_EXT, TextureConfig, UVTexels, unwrap
 
 OK = "ok"
 QUARANTINED = "quarantined"
-TEXTURE_EXT = "texture.png"
 
 
 def to_decoded(points: np.ndarray, decode_scale: float) -> np.ndarray:

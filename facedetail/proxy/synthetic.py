@@ -1,9 +1,15 @@
 """The synthetic "wild" set: renders made to look like photos, with their ground truth, plus bad files.
 
-Each image is one face of the morphable model with a random identity α (N(0, 1) truncated to
-±3), expression β (the same draw as the expression set), albedo, head pose (yaw up to ±40°),
-camera distance and light, drawn by :func:`facedetail.render.sampling.sample_render` and
-rendered by :class:`facedetail.render.faces.FaceRenderer`. Then, in this order:
+Each image is one *detailed* face of the morphable model with a random identity α (N(0, 1) truncated
+to ±3), expression β (the same draw as the expression set), albedo, head pose (yaw up to ±40°),
+camera distance and light, drawn by :func:`facedetail.render.sampling.sample_render`, and its own
+random facial details: the capture set's procedural generator
+(:func:`facedetail.capture.synthetic.subject_layout`, the wrinkle depths from β by
+:func:`~facedetail.capture.synthetic.family_strengths`, :func:`~facedetail.capture.synthetic.expression_details`).
+It is rendered by :class:`facedetail.render.detailed.DetailedFaceRenderer`: the proxy subdivided to
+``detail_edge_mm`` (on the mean face), displaced by the details along its normal, shaded with the normals
+of the displaced surface, mouth cavity closed as :class:`~facedetail.render.faces.FaceRenderer` closes it.
+Then, in this order:
 
 1. **clutter**: a few random shapes (rectangles, ellipses, polygons, thick lines, patches of
    colour noise) are drawn on the sampled background, and the face is composited over it, so
@@ -16,9 +22,14 @@ rendered by :class:`facedetail.render.faces.FaceRenderer`. Then, in this order:
    levels) and **JPEG compression** (the image file itself, at a random quality).
 
 Randomness: an image's seed (:func:`facedetail.io.seeds.derive_seed` of the global seed, the
-stage and the id) is split by :class:`numpy.random.SeedSequence` into two independent streams,
-one for the face (``sample_render``) and one for the look (size, clutter, blur, noise, JPEG
-quality), so changing how images are degraded never changes which faces are drawn.
+stage and the id) is split by :class:`numpy.random.SeedSequence` into three independent streams,
+one for the face (``sample_render``), one for the look (size, clutter, blur, noise, JPEG
+quality) and one for the details' layout, so changing how images are degraded or detailed never
+changes which faces are drawn.
+
+The details' ground truth is exact: the drawn field itself (:meth:`SyntheticDetails.to_json`, in the
+truth table), and beside it, for training and evaluation, the field at the texel centres of the shared UV
+chart as a 16-bit PNG (:func:`displacement_truth_png`).
 
 Ground truth is stored in the final image's pixels (x right, y down, pixel centres at integer
 coordinates) with the 3x4 matrix ``P`` of :mod:`facedetail.render.camera`: the render's ``P``
@@ -33,9 +44,11 @@ outcome expected under the default :class:`~facedetail.proxy.inputs.LoadConfig`.
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import cv2
@@ -44,13 +57,26 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import Field, model_validator
 
+from facedetail.capture.maps import displacement_to_u16
+from facedetail.capture.synthetic import (
+    DetailConfig,
+    SampledDetails,
+    SyntheticDetails,
+    detail_parts,
+    expression_details,
+    family_strengths,
+    subject_layout,
+)
 from facedetail.config import Config
 from facedetail.features.landmarks import NO_FACE
 from facedetail.io.images import encode_png as render_png
+from facedetail.io.seeds import derive_seed
 from facedetail.model.morphable import MorphableModel
+from facedetail.model.uvmap import UVRaster, mm_per_uv, rasterize_uv
 from facedetail.proxy import inputs
 from facedetail.render.camera import Camera
-from facedetail.render.faces import FaceRenderer, RenderedFace, background, composite
+from facedetail.render.detailed import DetailedFaceRenderer
+from facedetail.render.faces import RenderedFace, background, composite
 from facedetail.render.sampling import (
     CameraSampling,
     IdentitySampling,
@@ -141,6 +167,14 @@ class WildSynthConfig(Config):
     pixels of the render, at ``render_size``)."""
     clutter: ClutterConfig = ClutterConfig()
     degradation: DegradationConfig = DegradationConfig()
+    details: DetailConfig = DetailConfig()
+    """The facial details of each photo (the capture set's generator: a new layout per photo, depths from β)."""
+    detail_edge_mm: float = Field(1.2, gt=0)
+    """Longest edge of the rendered detailed surface (on the mean face). At ~1 mm per render pixel, 1.2 mm is the
+    coarsest that still draws a 0.8 mm-σ wrinkle as a continuous line (1.5 mm breaks it up, 2.0 mm loses the
+    pores): ~0.2 s per photo here, a plain render of the proxy 0.015 s."""
+    truth_scale_mm: float = Field(2.0, gt=0)
+    """Scale of the 16-bit truth PNG: ``d = (png / 65535 · 2 - 1) · scale`` (steps of 0.06 µm at 2 mm)."""
 
     @model_validator(mode="after")
     def _smallest_side(self) -> WildSynthConfig:
@@ -185,9 +219,18 @@ class WildImage:
     blur_sigma: float
     noise_sigma: float
     jpeg_quality: int
+    details: SyntheticDetails
+    """The face's details (mm along the proxy normal, a function of UV)."""
+    strengths: dict[str, float]
+    """Depth of each wrinkle family relative to full, from β."""
+
+    def details_json(self) -> str:
+        """The drawn details as deterministic JSON text (:meth:`SyntheticDetails.from_json` reads it back)."""
+        return json.dumps({"details": self.details.to_json(), "strengths": self.strengths}, sort_keys=True)
 
     def truth(self) -> dict[str, Any]:
-        """One row of ``truth.parquet`` (``file`` is the name relative to the images folder)."""
+        """One row of ``truth.parquet`` (``file`` is the name relative to the images folder; the columns of the
+        truth PNG, which the stage writes, are left to it)."""
         s = self.sample
         return {
             "id": self.id, "file": f"{self.id}.jpg", "width": self.side, "height": self.side, "seed": self.seed,
@@ -202,6 +245,7 @@ class WildImage:
             "noise_sigma": self.noise_sigma, "jpeg_quality": self.jpeg_quality,
             "background": s.background_kind, "light_direction": s.light_direction.tolist(),
             "light_intensity": s.light_intensity, "ambient": s.ambient, "sh": s.sh.ravel().tolist(),
+            "details": self.details_json(),
         }
 
 
@@ -222,9 +266,30 @@ TRUTH_SCHEMA = pa.schema([
     pa.field("blur_sigma", _F64), pa.field("noise_sigma", _F64), pa.field("jpeg_quality", pa.int64()),
     pa.field("background", pa.string()), pa.field("light_direction", pa.list_(_F64, 3)),
     pa.field("light_intensity", _F64), pa.field("ambient", _F64), pa.field("sh", pa.list_(_F64, 27)),
+    pa.field("details", pa.string()),
+    pa.field("displacement_png", pa.string()), pa.field("displacement_scale_mm", _F64),
+    pa.field("uv_resolution", pa.int64()), pa.field("displacement_clipped", pa.int64()),
 ])
 """Columns of ``truth.parquet``, one row per synthetic image (see :meth:`WildImage.truth`). Matrices are
-row-major; ``landmarks`` is x0, y0, x1, y1, ... (null where the model defines no landmark)."""
+row-major; ``landmarks`` is x0, y0, x1, y1, ... (null where the model defines no landmark). ``details`` is the
+JSON of the drawn details (``{"details": SyntheticDetails.to_json(), "strengths": {...}}``: exact at any
+resolution); ``displacement_png`` the path (relative to the stage's output folder) of the field at the UV
+chart's texel centres (``uv_resolution``²), encoded by :func:`displacement_truth_png` with
+``displacement_scale_mm``; ``displacement_clipped`` counts texels beyond ±scale."""
+
+
+def displacement_truth_png(details: SyntheticDetails, raster: UVRaster,
+                           scale_mm: float) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """(R, R) uint16 truth map of ``details`` at ``raster``'s texel centres, the texels clipped at ±scale, and the
+    amplitude measured on those texels (:meth:`facedetail.capture.synthetic.DetailParts.amplitude`).
+
+    Inside the chart ``png = round((clip(d / s, -1, 1) + 1) / 2 · 65535)`` (the capture maps' encoding,
+    :func:`facedetail.capture.maps.displacement_to_u16`), kept >= 1; outside it 0, so that 0 marks "no
+    surface" (it would otherwise mean d = -s, which no drawn detail reaches: the sentinel costs one step).
+    """
+    parts = detail_parts(details, raster)
+    png, clipped = displacement_to_u16(np.where(parts.covered, parts.total, 0.0), scale_mm)
+    return np.where(parts.covered, np.maximum(png, 1), 0).astype(np.uint16), clipped, parts.amplitude()
 
 
 def resize_matrix(scale: float) -> np.ndarray:
@@ -256,11 +321,20 @@ class WildSynthesizer:
         self.model = model
         self.config = config
         self.size = config.render_size
-        self.renderer = FaceRenderer(model, self.size, config.sampling)
+        self.mm_per_uv = mm_per_uv(model.mean, model.uv, model.triangles)
+        self.renderer = DetailedFaceRenderer(model, self.size, config.sampling, config.detail_edge_mm)
 
-    def scene(self, sample: RenderSample, rng: np.random.Generator) -> tuple[np.ndarray, RenderedFace, list[str]]:
-        """(RGB at render size, the render, clutter kinds): the face over its cluttered background."""
-        face = self.renderer.render(sample)
+    def draw_details(self, sample: RenderSample, rng: np.random.Generator) -> tuple[SyntheticDetails, dict[str, float]]:
+        """A face's details: a new layout from ``rng``, each wrinkle family as deep as ``sample``'s β makes it."""
+        cfg = self.config.details
+        layout = subject_layout(self.model, self.mm_per_uv, cfg, rng)
+        strengths = family_strengths(self.model, sample.beta, cfg.neutral_fraction)
+        return expression_details(layout, strengths, cfg, self.mm_per_uv), strengths
+
+    def scene(self, sample: RenderSample, rng: np.random.Generator,
+              details: SyntheticDetails | None = None) -> tuple[np.ndarray, RenderedFace, list[str]]:
+        """(RGB at render size, the render, clutter kinds): the face, with ``details``, over a cluttered background."""
+        face = self.renderer.render(sample, None if details is None else SampledDetails(details))
         bg, kinds = self.cluttered_background(sample, rng)
         return composite(face.image, face.mask, bg), face, kinds
 
@@ -270,13 +344,14 @@ class WildSynthesizer:
         return bg, draw_clutter(bg, rng, self.config.clutter)
 
     def make(self, item: str, seed: int) -> WildImage:
-        """The image ``item`` drawn from ``seed`` (see the module docstring for the two streams)."""
-        face_seq, look_seq = np.random.SeedSequence(seed).spawn(2)
+        """The image ``item`` drawn from ``seed`` (see the module docstring for the three streams)."""
+        face_seq, look_seq, detail_seq = np.random.SeedSequence(seed).spawn(3)
         sample = sample_render(np.random.default_rng(face_seq), self.config.sampling, self.model)
+        details, strengths = self.draw_details(sample, np.random.default_rng(detail_seq))
         look = np.random.default_rng(look_seq)
         lo, hi = self.config.size_range
         side = int(look.integers(lo, hi + 1))
-        image, face, kinds = self.scene(sample, look)
+        image, face, kinds = self.scene(sample, look, details)
         if side != self.size:
             image = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
         jpeg, blur, noise, quality = degrade(image, look, self.config.degradation)
@@ -285,7 +360,8 @@ class WildSynthesizer:
         scaled_camera = Camera(side, side, cam.projection, cam.focal_px * side / self.size, cam.near, cam.far)
         landmarks = face.landmarks * (side / self.size) + a[:2, 2]
         return WildImage(item, seed, jpeg, side, self.size, sample, landmarks, face.visible.copy(), scaled_camera,
-                         face.rotation, face.translation, a @ face.projection, tuple(kinds), blur, noise, quality)
+                         face.rotation, face.translation, a @ face.projection, tuple(kinds), blur, noise, quality,
+                         details, strengths)
 
     def clean_face(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(RGB, face mask) at render size of a near-frontal face over clutter, without degradations.
@@ -293,11 +369,12 @@ class WildSynthesizer:
         The source of the bad examples: frontal enough (yaw ±10°) that every *usable* one has a
         detectable face, so that any failure on them is the conversion's fault.
         """
-        face_seq, look_seq = np.random.SeedSequence(seed).spawn(2)
+        face_seq, look_seq, detail_seq = np.random.SeedSequence(seed).spawn(3)
         frontal = self.config.sampling.model_copy(update={"pose": PoseSampling(
             yaw_deg=10.0, pitch_deg=5.0, roll_deg=5.0, translate_px=0.0)})
         sample = sample_render(np.random.default_rng(face_seq), frontal, self.model)
-        image, face, _ = self.scene(sample, np.random.default_rng(look_seq))
+        details, _ = self.draw_details(sample, np.random.default_rng(detail_seq))
+        image, face, _ = self.scene(sample, np.random.default_rng(look_seq), details)
         return image, face.mask
 
     def no_face(self, seed: int) -> np.ndarray:
@@ -314,6 +391,50 @@ class WildSynthesizer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+IMAGES_DIR = "images"
+TRUTH_DIR = "truth"
+
+
+class WildSetWriter:
+    """Makes and writes the synthetic images of a wild set, one per call, in any process (one per worker).
+
+    Image ``index`` is ``images/<id>.jpg`` with its truth map ``truth/<id>.png``
+    (:func:`displacement_truth_png` at the UV chart's ``resolution``) under ``out_dir``, from the seed of
+    ``(seed, stage, id)``. Returns the truth row and measured amplitude, and the :class:`WildImage` itself
+    only for the first ``keep_images`` (a contact sheet's), so that a parent collecting results holds no pixels.
+    """
+
+    def __init__(self, model_path: Path | str, config: WildSynthConfig, seed: int, stage: str, resolution: int,
+                 out_dir: Path | str, keep_images: int = 0) -> None:
+        self.model = MorphableModel.load(model_path)
+        self.config = config
+        self.seed = seed
+        self.stage = stage
+        self.out_dir = Path(out_dir)
+        self.keep_images = keep_images
+        self.raster = rasterize_uv(self.model.uv, self.model.triangles, resolution)
+        self.synth = WildSynthesizer(self.model, config)
+        (self.out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        (self.out_dir / TRUTH_DIR).mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        """Write image ``index``; returns ``item``, ``seed``, ``label``, ``image_file``, ``truth``, ``amplitude``,
+        ``image`` (None past ``keep_images``)."""
+        item = item_id(index)
+        image = self.synth.make(item, derive_seed(self.seed, self.stage, item))
+        image_file = f"{IMAGES_DIR}/{item}.jpg"
+        (self.out_dir / image_file).write_bytes(image.jpeg)
+        scale = self.config.truth_scale_mm
+        png, clipped, amplitude = displacement_truth_png(image.details, self.raster, scale)
+        png_file = f"{TRUTH_DIR}/{item}.png"
+        # zlib level 1: the pore texture fills the low bits, so level 6 saves < 1 % of the bytes at twice the time.
+        (self.out_dir / png_file).write_bytes(render_png(png, 1))
+        truth = {**image.truth(), "displacement_png": png_file, "displacement_scale_mm": scale,
+                 "uv_resolution": self.raster.resolution, "displacement_clipped": clipped}
+        return {"item": item, "seed": image.seed, "label": image.sample.label, "image_file": image_file,
+                "truth": truth, "amplitude": amplitude, "image": image if index < self.keep_images else None}
 
 
 def draw_clutter(image: np.ndarray, rng: np.random.Generator, config: ClutterConfig) -> list[str]:

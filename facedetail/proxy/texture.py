@@ -22,6 +22,9 @@ from facedetail.config import Config
 from facedetail.model.uvmap import rasterize_uv
 from facedetail.proxy.fit import Cameras
 
+TEXTURE_EXT = "texture.png"
+"""Name of a photo's UV texture (RGBA PNG, alpha = visible) in a shard sample."""
+
 
 class TextureConfig(Config):
     """How photos are unwrapped into UV textures."""
@@ -112,29 +115,85 @@ def _sample(photo: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
 
 def unwrap(photo: np.ndarray, vertices: np.ndarray, normals: np.ndarray, camera: Cameras, to_photo: float,
            raster: UVTexels, config: TextureConfig) -> Unwrapped:
-    """Unwrap ``photo`` (H, W, 3) uint8 onto a proxy.
+    """Unwrap ``photo`` (H, W, 3) uint8 onto a proxy seen by a fitted scaled orthographic camera.
 
     vertices/normals (V, 3) are the proxy's; ``camera`` is a batch of one fitting-frame camera
     (y up), and ``to_photo`` converts fitting-frame px to ``photo`` px (x' = x·to_photo,
     y' = -y·to_photo).
     """
+    pos, nrm = texel_geometry(raster, vertices, normals)
+    fit_xy = camera.project(pos[None])[0]
+    photo_xy = np.column_stack([fit_xy[:, 0] * to_photo, -fit_xy[:, 1] * to_photo])
+    # Cells in the fitting frame, so that the z-buffer is that of the fit (and bytes stay as before).
+    cells = fit_xy / (camera.scale[0] * config.zbuffer_cell_mm)
+    facing = nrm @ camera.rotation[0, 2] >= np.cos(np.radians(config.max_view_angle_deg))
+    return unwrap_texels(photo, photo_xy, camera.depth(pos[None])[0], facing, cells, raster, config)
+
+
+def unwrap_projective(photo: np.ndarray, vertices: np.ndarray, normals: np.ndarray, projection: np.ndarray,
+                      raster: UVTexels, config: TextureConfig) -> Unwrapped:
+    """Unwrap ``photo`` onto a proxy seen by a known 3x4 camera ``projection`` (model mm to pixels).
+
+    ``projection`` is perspective (``P = K [R | t]``) or affine (last row ``(0, 0, 0, 1)``), as the
+    renders store it (:mod:`facedetail.render.camera`). A texel faces the camera when its normal is
+    within ``max_view_angle_deg`` of the direction to the camera centre (perspective) or of the
+    viewing direction (affine).
+    """
+    P = np.asarray(projection, np.float64)
+    pos, nrm = texel_geometry(raster, vertices, normals)
+    homogeneous = np.hstack([pos, np.ones((len(pos), 1))]) @ P.T
+    w = homogeneous[:, 2]
+    if np.any(w <= 0):
+        raise ValueError("part of the proxy lies behind the camera")
+    photo_xy = homogeneous[:, :2] / w[:, None]
+    M = P[:, :3]
+    if np.allclose(P[2, :3], 0.0):  # affine: one viewing direction
+        # OpenCV axes (x right, y down, z away from the viewer): rows 1 x row 2 is +z, so the viewer is at -z.
+        towards = -np.cross(M[0], M[1])
+        towards = towards / np.linalg.norm(towards)
+        depth = pos @ towards  # larger = closer
+        facing = nrm @ towards >= np.cos(np.radians(config.max_view_angle_deg))
+    else:
+        centre = -np.linalg.solve(M, P[:, 3])
+        to_camera = centre - pos
+        distance = np.linalg.norm(to_camera, axis=1)
+        facing = (nrm * to_camera).sum(axis=1) >= np.cos(np.radians(config.max_view_angle_deg)) * distance
+        depth = -distance  # larger = closer
+    # Pixels per mm from the projection's Jacobian (det(J Jᵀ)^¼), at the median texel: square z-buffer
+    # cells of one size in mm over the whole face.
+    every = max(1, len(w) // 4096)  # a median over a few thousand texels is as good as over all
+    jac = (M[None, :2] - photo_xy[::every, :, None] * M[None, 2:3]) / w[::every, None, None]
+    px_per_mm = float(np.median(np.linalg.det(jac @ jac.transpose(0, 2, 1)) ** 0.25))
+    cells = photo_xy / (px_per_mm * config.zbuffer_cell_mm)
+    return unwrap_texels(photo, photo_xy, depth, facing, cells, raster, config)
+
+
+def texel_geometry(raster: UVTexels, vertices: np.ndarray, normals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M, 3) positions and (M, 3) unit normals of the covered texels, blended from the proxy's vertices."""
     blended = raster.blend(np.hstack([vertices, normals]))
     pos, nrm = blended[:, :3], blended[:, 3:]
     nrm /= np.maximum(np.linalg.norm(nrm, axis=1, keepdims=True), 1e-12)
-    fit_xy = camera.project(pos[None])[0]
-    depth = camera.depth(pos[None])[0]
-    facing = nrm @ camera.rotation[0, 2] >= np.cos(np.radians(config.max_view_angle_deg))
-    # Z-buffer of square cells zbuffer_cell_mm wide on the face, from the facing texels only: in
-    # pixel cells a small face would get cells whose depth range exceeds the tolerance.
-    cell = np.floor(fit_xy / (camera.scale[0] * config.zbuffer_cell_mm)).astype(np.int64)
+    return pos, nrm
+
+
+def unwrap_texels(photo: np.ndarray, photo_xy: np.ndarray, depth: np.ndarray, facing: np.ndarray,
+                  cells: np.ndarray, raster: UVTexels, config: TextureConfig) -> Unwrapped:
+    """The shared part of both unwraps: occlusion test, sampling and scattering into the UV map.
+
+    Per covered texel: its photo position (px), its depth (larger = closer, mm), whether it faces the
+    camera, and its position in z-buffer cells. The z-buffer holds the closest facing texel per square
+    cell of ``zbuffer_cell_mm`` on the face (in pixel cells a small face would get cells whose depth
+    range exceeds the tolerance).
+    """
+    cell = np.floor(cells).astype(np.int64)
     lo = cell.min(axis=0)
     span = cell.max(axis=0) - lo + 1
     flat = (cell[:, 1] - lo[1]) * span[0] + (cell[:, 0] - lo[0])
     zbuf = np.full(int(span[0] * span[1]), -np.inf)
     np.maximum.at(zbuf, flat[facing], depth[facing])
     unoccluded = depth >= zbuf[flat] - config.depth_tolerance_mm
-    px = (fit_xy[:, 0] * to_photo).astype(np.float32)
-    py = (-fit_xy[:, 1] * to_photo).astype(np.float32)
+    px = photo_xy[:, 0].astype(np.float32)
+    py = photo_xy[:, 1].astype(np.float32)
     h, w = photo.shape[:2]
     inside = (px >= 0) & (px <= w - 1) & (py >= 0) & (py <= h - 1)
     colours = _sample(photo, px, py)
