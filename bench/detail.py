@@ -111,6 +111,7 @@ class Setting:
     adam: str = "loop"  # "loop" (torch's default on a CPU), "foreach" or "fused"; "" for inference
     freeze_d: bool = False  # no discriminator weight gradients in the generator's backward (pix2pix)
     deterministic: bool = True  # torch.use_deterministic_algorithms(True), as facedetail.detail.train sets it
+    fill_new: bool = True  # ... which also fills every new buffer with NaN (torch.utils.deterministic's default)
     mkldnn: bool = True
     thp: bool = False  # THP_MEM_ALLOC_ENABLE=1: torch's allocator asks for huge pages for buffers >= 2 MB
     compile: bool = False
@@ -122,6 +123,8 @@ class Setting:
             parts.append("D frozen in G step" if self.freeze_d else "D grads in G step")
         if not self.deterministic:
             parts.append("not deterministic")
+        elif not self.fill_new:
+            parts.append("deterministic without NaN fill")
         if not self.mkldnn:
             parts.append("oneDNN off")
         if self.thp:
@@ -138,8 +141,8 @@ def settings(threads: int, use_compile: bool, variants: bool,
              channels_last: bool = False) -> tuple[Setting, Setting, list[Setting]]:
     """The baseline, ours, and (with ``variants``) each change alone; each distinct setting once."""
     baseline = Setting("baseline: the trainer's way", TORCH_THREADS)
-    ours = Setting("ours", threads, channels_last=channels_last, adam="fused", freeze_d=True, thp=True,
-                   compile=use_compile)
+    ours = Setting("ours", threads, channels_last=channels_last, adam="fused", freeze_d=True, fill_new=False,
+                   thp=True, compile=use_compile)
     alone: list[Setting] = []
     if variants:
         if threads != TORCH_THREADS:
@@ -149,6 +152,7 @@ def settings(threads: int, use_compile: bool, variants: bool,
                   replace(baseline, name="+ D frozen in G step", freeze_d=True),
                   replace(baseline, name="+ huge pages", thp=True),
                   replace(baseline, name="+ channels_last", channels_last=True),
+                  replace(baseline, name="- NaN fill of new buffers", fill_new=False),
                   replace(baseline, name="- deterministic", deterministic=False),
                   replace(baseline, name="- oneDNN (mkldnn off)", mkldnn=False),
                   replace(ours, name="ours, NCHW" if channels_last else "ours + channels_last",
@@ -173,15 +177,22 @@ def applied(setting: Setting) -> Iterator[None]:
     """Threads, determinism and the oneDNN switch of ``setting`` for the duration; restored after."""
     threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(setting.threads)
-    torch.backends.mkldnn.enabled = setting.mkldnn
-    torch.use_deterministic_algorithms(setting.deterministic)
+    fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
+    _apply(setting)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
         torch.backends.mkldnn.enabled = mkldnn
         torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
+
+
+def _apply(setting: Setting) -> None:
+    torch.set_num_threads(setting.threads)
+    torch.backends.mkldnn.enabled = setting.mkldnn
+    torch.use_deterministic_algorithms(setting.deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = setting.fill_new  # type: ignore[attr-defined]
 
 
 def _format(setting: Setting) -> torch.memory_format:
@@ -354,9 +365,7 @@ def worker_main(spec_text: str) -> None:
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed goes to stderr, not into the replies
     setting, config = Setting(**spec["setting"]), DetailNetConfig.model_validate(spec["config"])
-    torch.set_num_threads(setting.threads)
-    torch.backends.mkldnn.enabled = setting.mkldnn
-    torch.use_deterministic_algorithms(setting.deterministic)
+    _apply(setting)
     fn: Callable[[], object] | None = None
     for line in sys.stdin:
         command = line.split()

@@ -146,3 +146,33 @@ def test_decoding_checks_sizes_and_masks(sfm_model, texels: UVTexels, item) -> N
     short = {**sample, DISPLACEMENT: encode_png(np.zeros((RES // 2, RES // 2), np.uint16), 3)}
     with pytest.raises(PairError, match=r"^mismatched sizes"):
         decode_pair(short, RES, sfm_model.n_vertices)
+
+
+def test_a_photo_without_a_camera_is_paired_through_its_landmarks(sfm_model, tiny_pipeline, tmp_path) -> None:
+    """A user's capture photo listed by name only: the camera is fitted to its dlib landmarks, and the texture
+    agrees with the one unwrapped through the photo's true camera."""
+    import json
+    import shutil
+
+    from facedetail.capture.maps import load_item
+    from facedetail.proxy.inputs import LoadConfig, load_photo
+
+    source = tiny_pipeline / "data" / "capture_synth" / "s001" / "neutral"
+    folder = tmp_path / "s001" / "neutral"
+    shutil.copytree(source, folder)
+    info = json.loads((folder / "capture.json").read_text())
+    known = PhotoInfo.model_validate(info["photos"][0])
+    maps = load_item(tiny_pipeline / "data" / "capture_gt", "s001/neutral")
+    resolution = maps.displacement.shape[0]
+    builder = PairBuilder(sfm_model, resolution, PairConfig())
+    rgb = load_photo(folder / known.file, LoadConfig(max_side=8192)).rgb
+    item = CaptureItem("s001/neutral", folder)
+    with_camera, _ = builder.build(item, "s001/neutral/photo-0", known, rgb, maps)
+    fitted, facts = builder.build(item, "s001/neutral/photo-0", PhotoInfo(file=known.file), rgb, maps)
+    assert facts["camera"] == "landmarks" and facts["visible_fraction"] > 0.3
+    a = decode_pair(with_camera, resolution, sfm_model.n_vertices)
+    b = decode_pair(fitted, resolution, sfm_model.n_vertices)
+    both = a.visible & b.visible
+    assert both.sum() > 0.5 * a.visible.sum()
+    close = np.abs(a.texture[both].astype(int) - b.texture[both].astype(int)).max(axis=1) <= 24
+    assert close.mean() > 0.8, close.mean()
