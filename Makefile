@@ -66,6 +66,7 @@ bench: assets
 	$(PY) bench/dictionary.py
 	$(PY) bench/proxy.py
 	$(PY) bench/capture.py
+	$(PY) bench/detail.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
