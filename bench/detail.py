@@ -28,14 +28,18 @@ profile, in the order of ``--profiles``):
   convolution 256→256 on 64² maps, both at batch ``--conv-batch`` in the faster memory format.
   Fractions are against the best of the three;
 * the ratio line: ours against a baseline measured in the same run. Baseline: the step as
-  ``facedetail.detail.train`` runs it: torch's own thread count, deterministic algorithms, NCHW,
-  ``torch.optim.Adam`` without ``foreach``/``fused`` (a loop over the parameters on a CPU), the
-  discriminator's weight gradients computed in the generator's backward, eager. Ours: ``--threads``
-  threads (0 = the cores this process may use), fused Adam, the discriminator frozen during the
-  generator's backward (pix2pix's ``set_requires_grad(netD, False)``; the same updates), huge pages
-  for torch's large buffers (``THP_MEM_ALLOC_ENABLE=1``), still deterministic; ``--compile`` adds
-  ``torch.compile``. ``--variants`` also times each change alone, channels_last, determinism off
-  and oneDNN (``torch.backends.mkldnn``) off, to show what each is worth here.
+  ``facedetail.detail.train`` runs it: torch's own thread count, ``use_deterministic_algorithms``
+  (which also fills every new buffer with NaN), NCHW, ``torch.optim.Adam`` without
+  ``foreach``/``fused`` (a loop over the parameters on a CPU), the discriminator's weight gradients
+  computed in the generator's backward, eager. Ours, each part kept because it measured faster:
+  ``--threads`` threads (0 = the cores this process may use), fused Adam, the discriminator frozen
+  during the generator's backward (pix2pix's ``set_requires_grad(netD, False)``: the same updates),
+  still deterministic but without the NaN fill (``torch.utils.deterministic.fill_uninitialized_memory
+  = False``: the same bits run to run), huge pages for torch's large buffers
+  (``THP_MEM_ALLOC_ENABLE=1``), NCHW for training and channels_last for inference, eager.
+  ``--variants`` also times each change alone, channels_last, determinism off and oneDNN
+  (``torch.backends.mkldnn``) off; ``--compile`` adds ours under ``torch.compile`` (inductor; with
+  ``--variants`` the baseline too; the compile time is reported apart, as the first call's).
 
 Each setting runs in a process of its own (huge pages are a per-process switch, and one setting's
 freed memory should not serve another's); as many as memory allows run side by side and are timed
@@ -90,8 +94,8 @@ PAPER_EPOCHS = 250
 GPUS = {  # dense peaks from the vendors' data sheets, FLOP/s
     "A100 (FP32)": 19.5e12, "A100 (TF32)": 156e12, "H100 SXM (FP32)": 67e12, "H100 SXM (TF32)": 495e12}
 ASSUMED_GPU_FRACTION = 0.40
-OURS_CHANNELS_LAST = {"default": False, "paper": False}
-"""Whether ours uses channels_last, per profile (measured with ``--variants``; see the module docstring)."""
+OURS_CHANNELS_LAST = {"default": (False, True), "paper": (False, True)}
+"""Whether ours uses channels_last in (training, inference), per profile (measured with ``--variants``)."""
 PROCESS_BYTES = 500_000_000
 """What a worker process holds besides the networks (torch, oneDNN's buffers), for sizing the groups."""
 DEFAULTS = {  # per profile: batch, inference batch, steps, warmup
@@ -108,6 +112,7 @@ class Setting:
     name: str
     threads: int
     channels_last: bool = False
+    infer_channels_last: bool | None = None  # inference's memory format when it differs from training's
     adam: str = "loop"  # "loop" (torch's default on a CPU), "foreach" or "fused"; "" for inference
     freeze_d: bool = False  # no discriminator weight gradients in the generator's backward (pix2pix)
     deterministic: bool = True  # torch.use_deterministic_algorithms(True), as facedetail.detail.train sets it
@@ -133,17 +138,18 @@ class Setting:
         return ", ".join(parts)
 
     def for_inference(self) -> Setting:
-        """The same without what only training has (Adam, the discriminator's freezing)."""
-        return replace(self, adam="", freeze_d=False)
+        """The same without what only training has (Adam, the discriminator's freezing), in inference's format."""
+        cl = self.channels_last if self.infer_channels_last is None else self.infer_channels_last
+        return replace(self, channels_last=cl, infer_channels_last=None, adam="", freeze_d=False)
 
 
-def settings(threads: int, use_compile: bool, variants: bool,
-             channels_last: bool = False) -> tuple[Setting, Setting, list[Setting]]:
+def settings(threads: int, use_compile: bool, variants: bool, channels_last: bool = False,
+             infer_channels_last: bool = True) -> tuple[Setting, Setting, list[Setting]]:
     """The baseline, ours, and (with ``variants``) each change alone; each distinct setting once."""
     baseline = Setting("baseline: the trainer's way", TORCH_THREADS)
-    ours = Setting("ours", threads, channels_last=channels_last, adam="fused", freeze_d=True, fill_new=False,
-                   thp=True, compile=use_compile)
-    alone: list[Setting] = []
+    ours = Setting("ours", threads, channels_last=channels_last, infer_channels_last=infer_channels_last,
+                   adam="fused", freeze_d=True, fill_new=False, thp=True)
+    alone: list[Setting] = [replace(ours, name="ours + torch.compile", compile=True)] if use_compile else []
     if variants:
         if threads != TORCH_THREADS:
             alone.append(replace(baseline, name=f"+ {threads} threads", threads=threads))
@@ -156,7 +162,7 @@ def settings(threads: int, use_compile: bool, variants: bool,
                   replace(baseline, name="- deterministic", deterministic=False),
                   replace(baseline, name="- oneDNN (mkldnn off)", mkldnn=False),
                   replace(ours, name="ours, NCHW" if channels_last else "ours + channels_last",
-                          channels_last=not channels_last)]
+                          channels_last=not channels_last, infer_channels_last=not infer_channels_last)]
         if use_compile:
             alone.append(replace(baseline, name="+ torch.compile", compile=True))
     seen = {_key(baseline), _key(ours)}
@@ -217,7 +223,7 @@ def dense_peaks(threads: int, seconds: float, matmul_size: int, conv_batch: int)
     """FLOP/s of a large float32 matmul and two large convolutions (forward), on ``threads`` threads."""
     gen = torch.Generator().manual_seed(0)
     out: dict[str, dict[str, Any]] = {}
-    with applied(Setting("peak", threads)), torch.inference_mode():
+    with applied(Setting("peak", threads, deterministic=False)), torch.inference_mode():
         n = matmul_size
         a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
         per_s, _ = rate_for(lambda: torch.matmul(a, b), seconds)
@@ -523,9 +529,10 @@ def _g(x: float) -> str:
 
 
 def _row(r: dict[str, Any], unit: str) -> str:
+    first = f"; first call {r['first_call_s']:.0f} s" if r["compile"] else ""
     return (f"    {r['setting']:<28} {r['patches_per_s']:11.3f} {unit:<9} {r['seconds_per_call']:8.3f} s "
             f"{r['flops_per_s'] / 1e9:8.1f} GFLOP/s {r['fraction_of_peak']:7.1%} of peak "
-            f"{r['cores']:5.2f} cores  ({r['describe']})")
+            f"{r['cores']:5.2f} cores  ({r['describe']}{first})")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -538,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest counts")
     parser.add_argument("--threads", type=int, default=0, help="our thread count (0 = the cores we may use)")
     parser.add_argument("--variants", action="store_true", help="also time each change from the baseline alone")
-    parser.add_argument("--compile", action="store_true", help="ours with torch.compile (inductor) too")
+    parser.add_argument("--compile", action="store_true", help="also time ours and the baseline under torch.compile")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference measurement")
     parser.add_argument("--peak-seconds", type=float, default=1.5, help="seconds per dense-throughput kernel")
     parser.add_argument("--matmul-size", type=int, default=4096)
@@ -571,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if k:
             peak_runs.append(dense_peaks(threads, args.peak_seconds, args.matmul_size, args.conv_batch))
         config = PROFILES[name]
-        baseline, ours, alone = settings(threads, args.compile, args.variants, OURS_CHANNELS_LAST.get(name, False))
+        baseline, ours, alone = settings(threads, args.compile, args.variants, *OURS_CHANNELS_LAST[name])
         counts, flops = parameter_counts(config), flops_per_patch(config)
         train_flops, infer_flops = step_flops(flops), flops["generator"]
         need, avail = training_bytes(counts), _mem_available()
@@ -658,8 +665,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  {gpu:<18}: {v['days_at_fraction_here']:9,.1f} days at {frac:.0%} of its "
                   f"{v['peak_flops'] / 1e12:g} TFLOP/s (the fraction reached here), "
                   f"{v['days_at_assumed_fraction']:8,.1f} days at an assumed {ASSUMED_GPU_FRACTION:.0%}")
-        print("  (GPU lines are FLOP arithmetic on data-sheet dense peaks, not measurements; batch 1 on a GPU "
-              "would reach far less than either fraction)")
+        print("  (GPU lines are FLOP arithmetic on data-sheet dense peaks, not measurements; at batch 1 a GPU "
+              "is unlikely to reach either fraction)")
     elif "paper" not in profiles:
         print("projection: needs the paper profile (--profiles ...,paper)")
 

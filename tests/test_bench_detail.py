@@ -66,8 +66,9 @@ def test_the_bench_runs_with_tiny_arguments_and_writes_its_json(tmp_path: Path) 
     assert train[0]["setting"].startswith("baseline") and train[1]["setting"] == "ours"
     assert (train[0]["adam"], train[0]["freeze_d"], train[0]["thp"], train[0]["deterministic"]) == (
         "loop", False, False, True)  # the trainer's way
-    assert (train[1]["adam"], train[1]["freeze_d"], train[1]["thp"], train[1]["deterministic"]) == (
-        "fused", True, True, True)
+    assert (train[1]["adam"], train[1]["freeze_d"], train[1]["thp"], train[1]["deterministic"],
+            train[1]["fill_new"]) == ("fused", True, True, True, False)
+    assert not train[0]["channels_last"] and not infer[0]["channels_last"] and infer[1]["channels_last"]
     assert len(train) == len(infer) == 2  # no --variants
     assert infer[0]["setting"].startswith("baseline") and infer[1]["setting"] == "ours"
     assert all(r["adam"] == "" and not r["freeze_d"] for r in infer)
@@ -139,6 +140,18 @@ def test_every_setting_runs_the_same_training_step(bench) -> None:
         assert math.isfinite(first) and math.isfinite(second)
         assert math.isclose(first, losses[0][0], rel_tol=1e-5) and math.isclose(second, losses[0][1], rel_tol=1e-4)
     assert losses[0][0] != losses[0][1]
+
+
+def test_ours_is_still_reproducible_bit_for_bit(bench) -> None:
+    # Without torch's NaN fill of new buffers, deterministic algorithms still give the same bits twice.
+    _, ours, _ = bench.settings(bench.TORCH_THREADS, use_compile=False, variants=False)
+    assert ours.deterministic and not ours.fill_new
+    runs = []
+    for _ in range(2):
+        with bench.applied(ours):
+            step = bench.training_step(SMALL, ours, 2)
+            runs.append([step() for _ in range(3)])
+    assert runs[0] == runs[1]
     with bench.applied(ours):
         y = bench.inference_call(SMALL, ours, 3)()
     assert y.shape == (3, 1, 16, 16) and bool(torch.isfinite(y).all())
