@@ -96,7 +96,8 @@ def texel_mm(model: MorphableModel, resolution: int) -> float:
     return mm_per_uv(model.mean, model.uv, model.triangles) / resolution
 
 
-def _npy(array: NDArray[np.generic]) -> bytes:
+def npy_bytes(array: NDArray[np.generic]) -> bytes:
+    """An array as ``.npy`` file bytes (no pickle), for a shard member."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
@@ -112,7 +113,7 @@ def encode_pair(pair: DetailPair, displacement_scale_mm: float, png_compression:
             "displacement_scale_mm": displacement_scale_mm, "sh": np.round(pair.sh, 9).tolist(), **facts}
     rgba = np.dstack([pair.texture, pair.visible.astype(np.uint8) * 255])
     sample = {"__key__": pair_key(pair_id), TEXTURE: encode_png(rgba, png_compression),
-              PROXY: _npy(pair.proxy), META: canonical_json(meta).encode()}
+              PROXY: npy_bytes(pair.proxy), META: canonical_json(meta).encode()}
     clipped = 0
     if pair.displacement is not None and pair.dmask is not None:
         png16, clipped = displacement_to_u16(np.where(pair.dmask, pair.displacement, 0.0), displacement_scale_mm)
@@ -164,11 +165,9 @@ def decode_pair(sample: dict[str, bytes], resolution: int, n_vertices: int) -> D
     if any(s != (resolution, resolution) for s in shapes.values()):
         raise PairError("mismatched sizes: " + ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in shapes.items())
                         + f", chart {resolution}x{resolution}")
-    if displacement is not None:
-        if not np.isfinite(displacement[dmask]).all():
-            raise PairError("NaN displacement inside the mask")
-        if not dmask.any():
-            raise PairError("empty mask: no valid ground-truth texel")
+    # A 16-bit PNG cannot hold NaN: NaN displacement is refused where the pair is built (pairbuild).
+    if dmask is not None and not dmask.any():
+        raise PairError("empty mask: no valid ground-truth texel")
     visible = rgba[..., 3] > 127
     if not visible.any():
         raise PairError("empty mask: no texel of the texture is visible")
