@@ -59,12 +59,11 @@ from facedetail.io.transaction import StageOutput
 from facedetail.model.morphable import MorphableModel
 from facedetail.model.uvmap import UVChartConfig, rasterize_uv
 from facedetail.proxy.texture import TEXTURE_EXT, UVTexels
-from stages._common import Input, Stage, StageParams, main, model_input
+from stages._common import PARTIAL_DIR, Input, Stage, StageParams, main, model_input
 
 NAME = "train_detail"
 MODEL_FILE, MODEL_META, PREVIEW = "detail_net.safetensors", "detail_net.json", "preview.png"
 CHECKPOINT = "checkpoint.pt"
-LIVE_DIR = Path("dvclive") / NAME
 
 
 class TrainDetailParams(StageParams):
@@ -157,13 +156,16 @@ def load_wild(folder: Path, model: MorphableModel, texels: UVTexels, fraction: f
     return good, bad, len(held)
 
 
-def build(params: TrainDetailParams, root: Path, out: StageOutput) -> dict[str, Any]:
-    """Train both regions (resuming a killed run), then write the generators, preview and metrics."""
+def build(params: TrainDetailParams, root: Path, out: StageOutput, name: str = NAME) -> dict[str, Any]:
+    """Train both regions (resuming a killed run), then write the generators, preview and metrics.
+
+    ``name``: the stage this run is (its checkpoint folder and dvclive folder), e.g. the η = 0 ablation's.
+    """
     with deterministic(params.threads):
-        return _build(params, root, out)
+        return _build(params, root, out, name)
 
 
-def _build(params: TrainDetailParams, root: Path, out: StageOutput) -> dict[str, Any]:
+def _build(params: TrainDetailParams, root: Path, out: StageOutput, name: str) -> dict[str, Any]:
     started = time.perf_counter()
     cfg, res = params.train, params.uv_chart.resolution
     device = resolve_device(params.device)
@@ -199,9 +201,9 @@ def _build(params: TrainDetailParams, root: Path, out: StageOutput) -> dict[str,
                                "model": out.input_hash(model_path),
                                "wild": out.input_hash(root / params.wild) if params.wild else None})
     trainer = DetailTrainer(cfg, data, device)
-    work = root / STAGE.work_dir
+    work = root / PARTIAL_DIR / name
     resumed_from, history = _resume(trainer, work / CHECKPOINT, key)
-    history = _train(trainer, params, root, work, key, history)
+    history = _train(trainer, params, root, work, key, history, name)
 
     tensors = trainer.generator_tensors()
     meta = {"format": "facedetail-detail-net/1", "units": "mm", "profile": cfg.profile,
@@ -267,7 +269,7 @@ def _resume(trainer: DetailTrainer, path: Path, key: str) -> tuple[int, list[dic
 
 
 def _train(trainer: DetailTrainer, params: TrainDetailParams, root: Path, work: Path, key: str,
-           history: list[dict[str, float]]) -> list[dict[str, float]]:
+           history: list[dict[str, float]], name: str) -> list[dict[str, float]]:
     """The epochs left, with a checkpoint after each (weights, optimisers and the metrics so far, in one atomic
     file), the dvclive log and the progress bar."""
     from dvclive import Live
@@ -275,7 +277,7 @@ def _train(trainer: DetailTrainer, params: TrainDetailParams, root: Path, work: 
     cfg = params.train
     work.mkdir(parents=True, exist_ok=True)
     # dvclive is rebuilt from the checkpoint's history, so its curves never hold an epoch the weights do not.
-    live_dir = root / LIVE_DIR
+    live_dir = root / "dvclive" / name
     if live_dir.exists():
         shutil.rmtree(live_dir)
     live = Live(dir=str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
@@ -288,7 +290,7 @@ def _train(trainer: DetailTrainer, params: TrainDetailParams, root: Path, work: 
     try:
         while trainer.epoch < total:
             epoch = trainer.epoch
-            with tqdm(total=per_epoch, desc=f"{NAME} epoch {epoch + 1}/{total} ({trainer.phase(epoch)})",
+            with tqdm(total=per_epoch, desc=f"{name} epoch {epoch + 1}/{total} ({trainer.phase(epoch)})",
                       unit="patch", dynamic_ncols=True, mininterval=1.0, disable=None) as bar:
                 def progress(n: int, losses: dict[str, Any], bar: tqdm = bar) -> None:
                     bar.update(n)
@@ -318,7 +320,7 @@ def _preview(trainer: DetailTrainer, params: TrainDetailParams) -> np.ndarray:
 
 STAGE = Stage(NAME, TrainDetailParams, build, inputs, seed=lambda p: p.train.seed, resumable=True,
               headline=("heldout.mae_mm", "heldout.mean_patch_mae_mm", "heldout.beats_baselines"),
-              look_at=(PREVIEW,))
+              look_at=(PREVIEW,), limits="The default profile trains a narrow network for minutes: a smoke test.")
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -121,6 +121,15 @@ class LandmarkDetector:
             return Detection(None, f"{FACE_TOO_SMALL}: {side:.0f} px < min_face_px {cfg.min_face_px:g}")
         return Detection(FaceLandmarks(box, float(scores[pick]), self._landmarks(rgb, box), len(boxes)))
 
+    def detect_all(self, image: np.ndarray) -> list[FaceLandmarks]:
+        """Every detected face at least ``min_face_px`` wide, with landmarks, largest first (for ``--all-faces``)."""
+        rgb = as_rgb_uint8(image)
+        boxes, scores = self._boxes(rgb)
+        faces = [FaceLandmarks(box, score, self._landmarks(rgb, box), len(boxes)) for box, score in zip(boxes, scores,
+                                                                                                   strict=True)
+                 if min(box[2] - box[0], box[3] - box[1]) >= self.config.min_face_px]
+        return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
     def landmarks_in_box(self, image: np.ndarray, box: tuple[float, float, float, float]) -> FaceLandmarks:
         """Landmarks for a face box given by the caller (no detection)."""
         return FaceLandmarks(tuple(float(v) for v in box), float("nan"), self._landmarks(as_rgb_uint8(image), box), 1)

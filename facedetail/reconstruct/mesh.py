@@ -1,0 +1,160 @@
+"""From a proxy and a displacement map to files: the detailed mesh (OBJ, binary glTF), the maps as images.
+
+The detailed mesh is the proxy after ``levels`` rounds of midpoint subdivision
+(:func:`facedetail.render.detailed.uniform_subdivision_map`: UVs and the proxy's normals interpolated
+linearly, the points kept on the proxy's surface), each vertex moved along its interpolated smooth normal
+by the displacement sampled bilinearly at its UV (:func:`sample_map`) — the step the original release
+left to Blender's Displace modifier.
+
+``displacement.png`` is 16-bit grey: ``mm = value · scale_mm + offset_mm``; both numbers are in a ``tEXt``
+chunk of the PNG (``facedetail:displacement``) and in the sidecar ``displacement.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import trimesh
+from numpy.typing import NDArray
+from PIL import Image, PngImagePlugin
+
+from facedetail.model.morphable import MorphableModel
+from facedetail.render.detailed import DetailedSurface, SubdivisionMap, displace, uniform_subdivision_map
+
+PNG_TEXT_KEY = "facedetail:displacement"
+U16 = 65535
+OBJ_DIGITS = 5
+"""Decimals of the OBJ numbers: 10 nm in mm, far below any detail (trimesh's default 8 makes files 1.5x larger)."""
+TEXTURE_NAME = "texture"
+"""Material name of both OBJs: they share one ``texture.png``."""
+
+
+def sample_map(values: NDArray[np.floating], valid: NDArray[np.bool_], uv: NDArray[np.floating]) -> NDArray[np.float64]:
+    """(M,) bilinear samples of an (R, R) UV map at ``uv`` (M, 2), from valid texels only.
+
+    Texel (row, col) has its centre at ``((col + 0.5) / R, (row + 0.5) / R)`` (the chart's convention). Invalid
+    texels do not blend in: each sample is the weighted mean of its valid neighbours among the four (the bilinear
+    weights renormalised); a point with none gets 0. Exact in float64 (OpenCV's remap rounds positions to 1/32
+    texel, 0.2 % of a texel-to-texel step).
+    """
+    R = values.shape[0]
+    uv = np.asarray(uv, np.float64)
+    x, y = uv[:, 0] * R - 0.5, uv[:, 1] * R - 0.5
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    fx, fy = x - x0, y - y0
+    num = np.zeros(len(uv))
+    den = np.zeros(len(uv))
+    vals = np.asarray(values, np.float64)
+    for dy, wy in ((0, 1.0 - fy), (1, fy)):
+        for dx, wx in ((0, 1.0 - fx), (1, fx)):
+            r, c = y0 + dy, x0 + dx
+            inside = (r >= 0) & (r < R) & (c >= 0) & (c < R)
+            rc, cc = np.clip(r, 0, R - 1), np.clip(c, 0, R - 1)
+            w = wy * wx * (inside & valid[rc, cc])
+            num += w * np.where(w > 0, vals[rc, cc], 0.0)
+            den += w
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 1e-12)
+
+
+class MeshBuilder:
+    """Detailed meshes of one model at one density (the subdivision is made once and reused)."""
+
+    def __init__(self, model: MorphableModel, levels: int) -> None:
+        self.model, self.levels = model, levels
+        self.map: SubdivisionMap = uniform_subdivision_map(model.vertices(), model.triangles, levels)
+
+    @property
+    def n_vertices(self) -> int:
+        """Vertices of every detailed mesh at this density."""
+        return int(self.map.weights.shape[0])
+
+    def detailed(self, proxy_vertices: NDArray[np.floating], displacement: NDArray[np.floating] | None,
+                 valid: NDArray[np.bool_] | None) -> DetailedSurface:
+        """The proxy subdivided and displaced by the (R, R) map (``None``: the subdivided proxy, undisplaced)."""
+        base = self.map.proxy(self.model, proxy_vertices)
+        values = None
+        if displacement is not None and valid is not None:
+            values = sample_map(displacement, valid, base.uv)
+        return displace(base, None, values)
+
+
+def textured_mesh(vertices: NDArray[np.floating], faces: NDArray[np.integer], uv: NDArray[np.floating],
+                  texture: NDArray[np.uint8], normals: NDArray[np.floating] | None = None) -> trimesh.Trimesh:
+    """A trimesh with UVs and an RGB texture (image rows top-down, so v is flipped for OBJ/glTF's v-up)."""
+    uv_up = np.column_stack([uv[:, 0], 1.0 - uv[:, 1]])
+    material = trimesh.visual.material.SimpleMaterial(image=Image.fromarray(texture), diffuse=(255, 255, 255, 255),
+                                                      name=TEXTURE_NAME)
+    visual = trimesh.visual.TextureVisuals(uv=uv_up, material=material)
+    return trimesh.Trimesh(vertices=np.asarray(vertices, np.float64), faces=np.asarray(faces, np.int64),
+                           vertex_normals=None if normals is None else np.asarray(normals, np.float64),
+                           visual=visual, process=False)
+
+
+def obj_files(mesh: trimesh.Trimesh, stem: str) -> dict[str, bytes]:
+    """``{stem}.obj``, ``{stem}.mtl`` and its texture PNG as bytes (file names inside refer to each other)."""
+    text, files = trimesh.exchange.obj.export_obj(mesh, include_normals=mesh.vertex_normals is not None,
+                                                  include_texture=True, return_texture=True,
+                                                  mtl_name=f"{stem}.mtl", digits=OBJ_DIGITS)
+    out = {f"{stem}.obj": text.encode("utf-8")}
+    for name, data in files.items():
+        out[name] = data
+    return out
+
+
+def glb_bytes(mesh: trimesh.Trimesh) -> bytes:
+    """The mesh (with its texture) as binary glTF."""
+    return trimesh.exchange.gltf.export_glb(trimesh.Scene(mesh), include_normals=True)
+
+
+def fill_texture(texture: NDArray[np.uint8], visible: NDArray[np.bool_]) -> NDArray[np.uint8]:
+    """The texture with hidden texels set to the mean visible colour (so a viewer shows no black holes)."""
+    out = texture.copy()
+    if visible.any():
+        out[~visible] = np.round(texture[visible].reshape(-1, 3).mean(axis=0)).astype(np.uint8)
+    return out
+
+
+@dataclass(frozen=True)
+class DisplacementPNG:
+    """How ``displacement.png`` stores mm: ``mm = value · scale_mm + offset_mm``."""
+
+    scale_mm: float
+    offset_mm: float
+
+    @classmethod
+    def for_range(cls, max_abs_mm: float) -> DisplacementPNG:
+        """±``max_abs_mm`` over the 16-bit range (0 mm at the middle value)."""
+        return cls(2.0 * max_abs_mm / U16, -max_abs_mm)
+
+    def meta(self) -> dict[str, Any]:
+        return {"unit": "mm", "scale_mm": self.scale_mm, "offset_mm": self.offset_mm,
+                "formula": "mm = value * scale_mm + offset_mm", "bits": 16}
+
+    def encode(self, displacement_mm: NDArray[np.floating]) -> bytes:
+        """16-bit PNG bytes with the scale and offset in a text chunk (values beyond the range are clipped)."""
+        values = np.clip(np.round((np.asarray(displacement_mm, np.float64) - self.offset_mm) / self.scale_mm), 0, U16)
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PNG_TEXT_KEY, json.dumps(self.meta(), sort_keys=True))
+        buf = io.BytesIO()
+        Image.fromarray(values.astype(np.uint16)).save(buf, format="PNG", pnginfo=info, compress_level=6)
+        return buf.getvalue()
+
+    @staticmethod
+    def decode(data: bytes) -> NDArray[np.float64]:
+        """Millimetres from :meth:`encode`'s bytes, using the scale and offset in the PNG's own text chunk."""
+        with Image.open(io.BytesIO(data)) as img:
+            meta = json.loads(img.text[PNG_TEXT_KEY])  # type: ignore[attr-defined]
+            values = np.asarray(img, np.float64)
+        return values * float(meta["scale_mm"]) + float(meta["offset_mm"])
+
+
+def normal_map_png(normals: NDArray[np.floating], valid: NDArray[np.bool_]) -> bytes:
+    """8-bit RGB PNG of unit model-frame normals: ``rgb = (n + 1) / 2 · 255``, (128, 128, 128) where invalid."""
+    rgb = np.where(valid[..., None], np.round((np.asarray(normals) + 1.0) * 127.5), 128).clip(0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
