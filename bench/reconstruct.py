@@ -16,7 +16,8 @@ Ratios against baselines measured in the same run:
   pass, and the achieved FLOP/s (``flops_per_patch``) as a fraction of this core's dense float32 matmul
   (``bench/detail.py``'s ``dense_peaks``); channels_last is timed too;
 * mesh: the precomputed subdivision map (a sparse product per photo) against subdividing each proxy with
-  trimesh (``subdivide`` x levels with the UVs and normals carried), the same vertices.
+  trimesh (``subdivide`` x levels with the UVs and normals carried), the same vertices; both then sample the
+  displacement and displace the same way.
 
 The paper profile (the release's layer sizes, 256² patches on a 4096² chart, 2,937 patches per face): the
 generator's forward is timed on ``--paper-patches`` random patches and projected to 2,937.
@@ -41,7 +42,9 @@ from detail import dense_peaks, rate_for
 from facedetail.detail.networks import PROFILES, DetailGenerator, flops_per_patch, normalize_patch
 from facedetail.proxy.inputs import LoadFailure, load_photo
 from facedetail.proxy.texture import unwrap
+from facedetail.reconstruct.mesh import sample_map
 from facedetail.reconstruct.photo import STEPS, Failure, ReconstructConfig, Reconstructor
+from facedetail.render.detailed import SubdividedProxy, displace
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_PATCHES = 2937
@@ -87,21 +90,21 @@ def proxy_parts(engine: Reconstructor, photo: Path) -> dict[str, float]:
 
 
 def network_rates(engine: Reconstructor, seconds: float) -> dict[str, float]:
-    """Patches/s of one region's generator: batch 64 (ours), batch 1 (baseline), batch 64 channels_last."""
+    """Patches/s of one region's generator: batch 64 channels_last (ours), batch 1 NCHW (baseline), batch 64 NCHW."""
     gen = next(iter(engine.net.generators.values()))
     p = gen.config.patch_size
     v = torch.from_numpy(normalize_patch(np.random.default_rng(0).random((64, 1, p, p), np.float32)))
     out = {}
     with torch.no_grad():
-        per_s, _ = rate_for(lambda: gen(v), seconds)
-        out["batch64"] = per_s * 64
+        gen.to(memory_format=torch.contiguous_format)
         per_s, _ = rate_for(lambda: gen(v[:1]), seconds)
         out["batch1"] = per_s
+        per_s, _ = rate_for(lambda: gen(v), seconds)
+        out["batch64_nchw"] = per_s * 64
+        gen.to(memory_format=torch.channels_last)
         cl = v.contiguous(memory_format=torch.channels_last)
-        gen_cl = gen.to(memory_format=torch.channels_last)
-        per_s, _ = rate_for(lambda: gen_cl(cl), seconds)
-        out["batch64_channels_last"] = per_s * 64
-        gen.to(memory_format=torch.contiguous_format)
+        per_s, _ = rate_for(lambda: gen(cl), seconds)
+        out["batch64"] = per_s * 64
     return out
 
 
@@ -117,6 +120,9 @@ def mesh_rates(engine: Reconstructor, proxy: np.ndarray, levels: int, seconds: f
         attrs = {"uv": model.uv.astype(np.float64), "n": model.vertex_normals(proxy.astype(np.float32))}
         for _ in range(levels):
             v, f, attrs = trimesh.remesh.subdivide(v, f, vertex_attributes=attrs)
+        n = attrs["n"] / np.linalg.norm(attrs["n"], axis=1, keepdims=True)
+        base = SubdividedProxy(v, f, attrs["uv"], n, None, len(proxy))
+        displace(base, None, sample_map(d, valid, base.uv))  # the same displacement step as ours
     base, _ = rate_for(baseline, seconds)
     return {"ours": ours, "baseline": base}
 
@@ -183,9 +189,9 @@ def main() -> None:
     peak = max(v["flops"] for v in peaks.values())
     net = network_rates(engine, args.peak_seconds)
     g_flops = flops_per_patch(engine.net.generators[next(iter(engine.net.generators))].config)["generator"]
-    print(f"network: {net['batch64']:.0f} patches/s batched (64) vs {net['batch1']:.0f} one at a time: "
-          f"ratio {net['batch64'] / net['batch1']:.2f}; channels_last {net['batch64_channels_last']:.0f} "
-          f"({net['batch64_channels_last'] / net['batch64']:.2f}x); {net['batch64'] * g_flops / 1e9:.1f} GFLOP/s = "
+    print(f"network: {net['batch64']:.0f} patches/s (batches of 64, channels_last) vs {net['batch1']:.0f} one at a "
+          f"time: ratio {net['batch64'] / net['batch1']:.2f}; NCHW batches {net['batch64_nchw']:.0f} "
+          f"({net['batch64'] / net['batch64_nchw']:.2f}x); {net['batch64'] * g_flops / 1e9:.1f} GFLOP/s = "
           f"{net['batch64'] * g_flops / peak:.0%} of this core's measured dense peak ({peak / 1e9:.1f} GFLOP/s)")
     mesh = mesh_rates(engine, proxy_vertices, args.levels, args.peak_seconds)
     print(f"mesh: {mesh['ours']:.1f} detailed surfaces/s with the precomputed map vs {mesh['baseline']:.1f} "

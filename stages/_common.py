@@ -21,12 +21,17 @@ from pydantic import ValidationError
 
 from facedetail.config import Config, key_data
 from facedetail.errors import FacedetailError, InterruptedRunError, SourceFileError
+from facedetail.io.cards import CardSpec, write_card
+from facedetail.io.hashing import params_hash
+from facedetail.io.licences import LicenceRules, parse_rules
 from facedetail.io.lineage import ParentRef
 from facedetail.io.transaction import RunLayout, StageOutput, stage_output
 from facedetail.model.morphable import MorphableModel
 from facedetail.model.uvmap import UVChartConfig
 
 PARAMS_FILE = "params.yaml"
+LICENCES_SECTION = "licences"
+"""Top-level params section with the licences of the user's own raw data (read by every stage for its card)."""
 SHARED_SECTIONS = ("uv_chart",)
 """Top-level params sections shared by several stages: a stage whose params model has a field of that
 name gets the section there (and may not set it inside its own section)."""
@@ -112,6 +117,12 @@ class Stage(Generic[P]):
     """The metric that counts the stage's items, where manifest rows are not items (one row per file)."""
     look_at: tuple[str, ...] = ()
     """Files of the output a person opens to judge it (contact sheets, previews)."""
+    limits: str = ""
+    """Known limits of the output, one line, for its ``CARD.md``."""
+    sources: Callable[[P, StageOutput], Sequence[str]] = lambda params, out: ()
+    """Model or data files the run read from installed packages (ids of
+    :data:`facedetail.io.licences.PACKAGE_SOURCES`), given the params and the built output: their versions,
+    hashes and licences go into the card and travel to every dataset derived from this one."""
 
     @property
     def out_dir(self) -> Path:
@@ -148,12 +159,37 @@ class Stage(Generic[P]):
         inputs = list(self.inputs(params))
         paths = [i.resolve(root) for i in inputs]
         layout = RunLayout(root, self.out_dir, self.metrics, work_dir=self.work_dir if self.resumable else None)
+        rules = licence_rules(root)
+        content = key_data(params, frozenset({"run"}))
         with stage_output(self.name, params.model_dump(mode="json"),
                           [p for p, i in zip(paths, inputs, strict=True) if i.lineage], layout,
-                          seed=self.seed(params), parent=parent,
-                          content_params=key_data(params, frozenset({"run"}))) as out:
+                          seed=self.seed(params), parent=parent, content_params=content) as out:
             summary = self.build(params, root, out)
+            self.write_card(params, root, out, [i.path for i in inputs if i.lineage], rules, params_hash(content))
         return StageResult(self.name, root / self.out_dir, out.outputs, summary, out.record)
+
+    def write_card(self, params: P, root: Path, out: StageOutput, input_paths: Sequence[str], rules: LicenceRules,
+                   content_hash: str) -> None:
+        """The output's ``CARD.md``, from the stage's description (its module docstring) and limits, and the data."""
+        module = sys.modules.get(self.build.__module__)
+        described = (module.__doc__ if module else None) or "Not described: the stage module has no docstring."
+        spec = CardSpec(self.name, described, self.limits, self.headline, content_hash,
+                        tuple(self.sources(params, out)), tuple(input_paths), rules)
+        write_card(spec, root, out.dir, out.input_hashes, out.metrics)
+
+
+def licence_rules(root: Path, params_file: str = PARAMS_FILE) -> LicenceRules:
+    """The ``licences:`` section of ``root/params.yaml``, validated (a problem is a one-line :class:`ParamsError`).
+
+    A run given its params directly, in a folder without a params file, has no declarations (as a file
+    without the section): its raw inputs get the licences facedetail knows, or ``undeclared``.
+    """
+    if not (root / params_file).is_file():
+        return parse_rules(None)
+    try:
+        return parse_rules(load_section(root / params_file, LICENCES_SECTION))
+    except ValueError as err:
+        raise ParamsError(f"{params_file}: {err}") from None
 
 
 def validate_params(model: type[P], section: dict[str, Any]) -> P:

@@ -123,7 +123,7 @@ def build(params: CaptureGtParams, root: Path, out: StageOutput) -> dict[str, An
 
 STAGE = Stage(NAME, CaptureGtParams, build, inputs, seed=lambda p: p.seed, resumable=True,
               headline=("processed", "accuracy.mae_mm_mean", "accuracy.relative_mae"), look_at=(PREVIEW,),
-              items="processed")
+              items="processed", limits="The detail is the high-pass of the scan-to-proxy distance: no broad shape.")
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def _kind(rel: str) -> str:
 
 
 STAGE = Stage(NAME, CaptureSynthParams, build, inputs, seed=lambda p: p.synth.seed,
-              headline=("items", "scan_faces_mean", "megabytes"), items="items")
+              headline=("items", "scan_faces_mean", "megabytes"), items="items",
+              limits="Synthetic scans with procedural wrinkles and pores: real skin and real scanner noise differ.")
 run = STAGE.run
 
 if __name__ == "__main__":

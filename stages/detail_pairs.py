@@ -218,7 +218,9 @@ def pair_metrics(good: list[dict[str, Any]], bad: list[dict[str, Any]], *, resol
 
 
 STAGE = Stage(NAME, DetailPairsParams, build, inputs, resumable=True,
-              headline=("pairs", "quarantined", "lighting_shading_error.mean"), items="pairs")
+              headline=("pairs", "quarantined", "lighting_shading_error.mean"), items="pairs",
+              limits="Lighting is an SH estimate; unseen texels are masked.",
+              sources=lambda p, out: ("dlib-68-predictor",) if set(out.metrics["cameras"]) - {"known"} else ())
 run = STAGE.run
 
 if __name__ == "__main__":

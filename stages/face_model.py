@@ -77,7 +77,8 @@ def _remedy(fmt: str) -> str:
 
 
 STAGE = Stage(NAME, FaceModelParams, build, inputs, headline=("vertices", "triangles", "expression_components"),
-              look_at=("preview.png",))
+              look_at=("preview.png",),
+              limits="The Surrey model has no colour model: its albedo is a synthetic skin prior (see provenance).")
 run = STAGE.run
 
 if __name__ == "__main__":

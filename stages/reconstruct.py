@@ -2,9 +2,9 @@
 
 Runs :class:`facedetail.reconstruct.photo.Reconstructor` — the function behind ``facedetail reconstruct`` — over
 the held-out wild photos (the photos of ``wild_synth`` that ``train_detail`` held out, by the same split; or
-every photo of ``input``, a folder or list, with ``heldout_only: false``), at most ``limit`` of them by id. Decoding, face
-finding, the fit and the unwrap take ``wild_proxy``'s params (linked, not copied); the split takes
-``train_detail``'s.
+every photo of ``input``, a folder or list, with ``heldout_only: false``), at most ``limit`` of them by id.
+Decoding, face finding, the fit and the unwrap take ``wild_proxy``'s params (linked, not copied); the split
+takes ``train_detail``'s.
 
 Outputs in ``data/reconstruct/``: ``faces/<name>/`` (every file of the command: meshes, maps, preview),
 ``gallery.png`` (the previews in a labelled grid: ``dvc plots show``), ``quarantine.parquet`` (photos that
@@ -45,7 +45,25 @@ NAME = "reconstruct"
 FACES, GALLERY = "faces", "gallery.png"
 
 
-class ReconstructParams(StageParams):
+class WildPathParams(StageParams):
+    """The params a stage that runs photos through the wild-photo path shares with ``wild_proxy`` and
+    ``train_detail`` (every field linked: see :data:`LINKS`)."""
+
+    load: LoadConfig = LoadConfig()
+    """Linked: ``wild_proxy.load``."""
+    detector: DetectorConfig = DetectorConfig()
+    """Linked: ``wild_proxy.detector``."""
+    fit: FitConfig = FitConfig()
+    """Linked: ``wild_proxy.fit``."""
+    texture: TextureConfig = TextureConfig()
+    """Linked: ``wild_proxy.texture`` (its resolution is the detail network's chart)."""
+    wild_holdout_fraction: float = Field(0.2, ge=0, lt=1)
+    """Linked: ``train_detail.wild_holdout_fraction``."""
+    split_seed: int = 7
+    """Linked: ``train_detail.split_seed``."""
+
+
+class ReconstructParams(WildPathParams):
     """Parameters of the ``reconstruct`` stage (``reconstruct:`` in params.yaml)."""
 
     input: str = input_path("data/wild_synth/images")
@@ -74,18 +92,6 @@ class ReconstructParams(StageParams):
     """CPU threads of torch (fixed, so that a rerun writes the same bytes)."""
     device: Literal["auto", "cpu", "cuda"] = run_only("cpu")
     """Where the network runs (``cuda`` results differ from the CPU's in their last bits)."""
-    load: LoadConfig = LoadConfig()
-    """Linked: ``wild_proxy.load``."""
-    detector: DetectorConfig = DetectorConfig()
-    """Linked: ``wild_proxy.detector``."""
-    fit: FitConfig = FitConfig()
-    """Linked: ``wild_proxy.fit``."""
-    texture: TextureConfig = TextureConfig()
-    """Linked: ``wild_proxy.texture`` (its resolution is the detail network's chart)."""
-    wild_holdout_fraction: float = Field(0.2, ge=0, lt=1)
-    """Linked: ``train_detail.wild_holdout_fraction``."""
-    split_seed: int = 7
-    """Linked: ``train_detail.split_seed``."""
 
     def config(self) -> ReconstructConfig:
         """The library config these params describe."""

@@ -81,7 +81,8 @@ def build(params: RenderExpressionsParams, root: Path, out: StageOutput) -> dict
 
 
 STAGE = Stage(NAME, RenderExpressionsParams, build, inputs, seed=lambda p: p.seed, resumable=True,
-              headline=("images", "label_counts.neutral", "landmarks_visible_fraction"), look_at=(CONTACT_SHEET,))
+              headline=("images", "label_counts.neutral", "landmarks_visible_fraction"), look_at=(CONTACT_SHEET,),
+              limits="Renders of the morphable model only (no hair, eyes, real skin); labels: the drawn expression.")
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ def build(params: RenderFacesParams, root: Path, out: StageOutput) -> dict[str, 
 
 
 STAGE = Stage(NAME, RenderFacesParams, build, inputs, seed=lambda p: p.split_seed, resumable=True,
-              headline=("faces", "detected_fraction", "landmark_error_px_median"))
+              headline=("faces", "detected_fraction", "landmark_error_px_median"),
+              limits="dlib's landmarks of faces without eyes or hair.", sources=lambda p, out: ("dlib-68-predictor",))
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ wild set of ``wild_synth`` (with ground truth) plus the real astronaut photo.
 Outputs in ``data/wild_proxy/``: ``proxies.parquet`` (one row per photo, fitted or not, see
 facedetail.proxy.pipeline.PROXY_SCHEMA), ``shards/`` (per fitted photo ``texture.png``: RGBA UV
 texture, alpha = visibility, and ``json``), ``manifest.parquet`` (the textures),
-``quarantine.parquet`` (id, path, reason), ``contact_sheet.png`` (fits drawn over photos) and
-``lineage.json``; accuracy (against the synthetic ground truth and against eos-py) goes to
-``metrics/wild_proxy.json``.
+``quarantine.parquet`` (id, path, reason), ``skipped.parquet`` (entries of the input folder not
+taken: hidden, not an image, special files, symlinks, ...), ``duplicates.parquet`` (listed files
+not fitted because an earlier one is the same file or has the same bytes), ``contact_sheet.png``
+(fits drawn over photos) and ``lineage.json``; accuracy (against the synthetic ground truth and
+against eos-py) and the input accounting (``inputs = fitted + quarantined + skipped + duplicates``)
+go to ``metrics/wild_proxy.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -28,6 +31,7 @@ from facedetail.dictionary.prior import ExpressionDictionary
 from facedetail.errors import SourceFileError
 from facedetail.features.landmarks import DetectorConfig
 from facedetail.io.hashing import params_hash
+from facedetail.io.lineage import UNHASHED, input_name
 from facedetail.io.shards import build_shards, shard_tasks
 from facedetail.io.tables import QUARANTINE_NAME, reason_kind, write_quarantine, write_table
 from facedetail.io.transaction import StageOutput
@@ -35,14 +39,23 @@ from facedetail.model.morphable import MorphableModel
 from facedetail.model.uvmap import UVChartConfig
 from facedetail.proxy.evaluate import proxy_metrics
 from facedetail.proxy.fit import FitConfig
-from facedetail.proxy.inputs import LoadConfig, list_inputs
-from facedetail.proxy.pipeline import OK, ProxyShardWorker, ProxySpec, proxy_table
+from facedetail.proxy.inputs import Listing, LoadConfig, content_duplicates, file_hashes, scan_inputs
+from facedetail.proxy.pipeline import (
+    OK,
+    ProxyShardWorker,
+    ProxySpec,
+    duplicates_table,
+    proxy_table,
+    skipped_table,
+)
 from facedetail.proxy.sheet import fit_sheet
 from facedetail.proxy.texture import TextureConfig
 from stages._common import Input, Stage, StageParams, inject_chart, main, model_input, worker_count
 
 NAME = "wild_proxy"
 PROXIES = "proxies.parquet"
+SKIPPED = "skipped.parquet"
+DUPLICATES = "duplicates.parquet"
 SHEET = "contact_sheet.png"
 
 
@@ -53,6 +66,11 @@ class WildProxyParams(StageParams):
     """Folder of photos (searched recursively) or a .csv/.parquet list of them."""
     input_root: str = input_path("")
     """Where a list's relative paths start ('' = the list's folder)."""
+    outside_symlinks: Literal["follow", "refuse"] = "follow"
+    """A symlink in the input folder whose target lies outside it: ``follow`` (fitted, with a
+    ``listing_note``; DVC's symlink cache links every tracked file out of its folder) or ``refuse``
+    (a ``skipped`` row). Symlinked folders inside the folder are never followed (their files are
+    listed where they lie); loops are skipped rows either way. Lists name their files explicitly."""
     model: str = input_path("data/face_model/model.npz")
     """The morphable model the proxies are fitted with."""
     dictionary: str = input_path("data/dictionary")
@@ -76,9 +94,10 @@ class WildProxyParams(StageParams):
     """Camera and shape fit."""
     texture: TextureConfig = TextureConfig()
     """UV unwrapping."""
-    shard_size: int = Field(64, ge=1)
+    shard_size: int = Field(32, ge=1)
     """Photos per shard (and per fitting batch). A worker holds a shard's decoded photos (up to
-    load.max_side² x 3 bytes each) until it is fitted: 64 x 1024² photos is 200 MB per process."""
+    load.max_side² x 3 bytes each) until it is fitted: 32 x 1024² photos is 100 MB, which with one
+    decode at load.max_pixels keeps a worker under 1 GB (tests/test_stage_wild_proxy.py measures it)."""
     sheet_faces: int = set_level(16, ge=1)
     """Fits drawn on the contact sheet."""
     workers: int = run_only(0, ge=0)
@@ -102,9 +121,13 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
     """Fit every listed photo in resumable shards; quarantine the ones that cannot be fitted."""
     start = time.perf_counter()
     source, model_path, dictionary_path = root / params.input, root / params.model, root / params.dictionary
-    items = list_inputs(source, root / params.input_root if params.input_root else None)
+    listing = _listing(params, root, out)
+    items = listing.items
     if not items:
-        raise SourceFileError(source, "no photos found", "Point `wild_proxy.input` at a folder of photos or a list")
+        skipped = Counter(reason_kind(s.reason) for s in listing.skipped)
+        detail = f" ({', '.join(f'{k}: {n}' for k, n in sorted(skipped.items()))} skipped)" if skipped else ""
+        raise SourceFileError(source, f"no photos found{detail}",
+                              "Point `wild_proxy.input` at a folder of photos or a list")
     # The photos count by content: a folder's files (or a list's text) were hashed at lineage START.
     key = content_key(params, {"photos": out.input_hash(source), "model": out.input_hash(model_path),
                                "dictionary": out.input_hash(dictionary_path)})
@@ -133,16 +156,51 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
     out.write_manifest([{"id": r["id"], "path": None, "shard": r["shard"], "key": r["key"], "sha256": r["sha256"],
                          "bytes": r["bytes"], "seed": None, "params_hash": key, "source": r["path"]} for r in good])
     write_quarantine(out.dir / QUARANTINE_NAME, bad)
+    write_table(out.dir / SKIPPED, skipped_table(listing))
+    write_table(out.dir / DUPLICATES, duplicates_table(listing))
     out.write_png(SHEET, fit_sheet(good[: params.sheet_faces], spec.items, spec.load, model))
     # Timings go to the printed summary, not the metrics: those are byte-identical on rerun.
-    out.metrics = {**metrics, "params_hash": key}
-    return {"photos": len(rows), "fitted": len(good), "quarantined": len(bad),
+    out.metrics = {**metrics, **accounting(listing, rows), "params_hash": key}
+    return {"inputs": listing.entries, "photos": len(rows), "fitted": len(good), "quarantined": len(bad),
+            "skipped": len(listing.skipped), "duplicates": len(listing.duplicates),
             "quarantine_reasons": metrics["quarantine_reasons"], "seconds": round(time.perf_counter() - start, 1),
             "photos_per_second": round(len(rows) / max(report.seconds, 1e-9), 2)}
 
 
+def _listing(params: WildProxyParams, root: Path, out: StageOutput) -> Listing:
+    """The input's listing, byte-identical files taken out as duplicates.
+
+    A folder's files were hashed at lineage START (those hashes are reused); a list's files are
+    hashed here, once each.
+    """
+    source = root / params.input
+    listing = scan_inputs(source, root / params.input_root if params.input_root else None, params.outside_symlinks)
+    known = {}
+    for item in listing.items:
+        digest = out.input_hashes.get(input_name(item.path, root))
+        if digest is not None and not digest.startswith(UNHASHED):
+            known[item.path] = digest
+    hashes = file_hashes(listing.items, known, params.load.max_file_bytes)
+    return content_duplicates(listing, lambda item: hashes[item.id])
+
+
+def accounting(listing: Listing, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where every input went: ``inputs = fitted + quarantined + skipped + duplicates``, with the kinds."""
+    fitted = sum(r["status"] == OK for r in rows)
+    return {
+        "inputs": listing.entries,
+        "accounted": {"fitted": fitted, "quarantined": len(rows) - fitted, "skipped": len(listing.skipped),
+                      "duplicates": len(listing.duplicates)},
+        "skipped_reasons": dict(sorted(Counter(reason_kind(s.reason.split(" (")[0]) for s in
+                                               listing.skipped).items())),
+        "duplicate_reasons": dict(sorted(Counter(d.reason.split(" as ")[0] for d in listing.duplicates).items())),
+        "decode_warnings": sum(r.get("decode_warning") is not None for r in rows),
+    }
+
+
 STAGE = Stage(NAME, WildProxyParams, build, inputs, resumable=True,
-              headline=("fitted", "reprojection_px.median", "eos.ratio_mean"), look_at=(SHEET,))
+              headline=("fitted", "reprojection_px.median", "eos.ratio_mean"), look_at=(SHEET,),
+              limits="Proxies fit dlib's 68 landmarks only.", sources=lambda p, out: ("dlib-68-predictor",))
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def build(params: WildSynthParams, root: Path, out: StageOutput) -> dict[str, An
 
 
 STAGE = Stage(NAME, WildSynthParams, build, inputs, seed=lambda p: p.seed,
-              headline=("images", "bad_examples", "yaw_abs_max"), look_at=(CONTACT_SHEET,))
+              headline=("images", "bad_examples", "yaw_abs_max"), look_at=(CONTACT_SHEET,),
+              limits="Synthetic photos plus one real one: not the statistics of faces in the wild.",
+              sources=lambda p, out: ("skimage-astronaut",))
 run = STAGE.run
 
 if __name__ == "__main__":

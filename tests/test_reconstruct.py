@@ -26,7 +26,15 @@ from facedetail.reconstruct.evaluate import (
     transform,
     yaw_bin,
 )
-from facedetail.reconstruct.mesh import DisplacementPNG, MeshBuilder, glb_bytes, obj_files, sample_map, textured_mesh
+from facedetail.reconstruct.mesh import (
+    DisplacementPNG,
+    MeshBuilder,
+    glb_bytes,
+    obj_files,
+    sample_map,
+    texture_png,
+    textured_mesh,
+)
 from facedetail.reconstruct.viewer import viewer_html
 from facedetail.render.detailed import uniform_subdivision_map
 
@@ -106,7 +114,7 @@ def test_detailed_mesh_files_load_with_the_asked_vertex_count_and_uvs(sfm_model,
     np.testing.assert_allclose(np.linalg.norm(surface.vertices - base.vertices, axis=1), 0.25, atol=1e-4)
     mesh = textured_mesh(surface.vertices, surface.faces, surface.uv, np.full((32, 32, 3), 180, np.uint8),
                          surface.normals)
-    files = obj_files(mesh, "detailed")
+    files = obj_files(mesh, "detailed") | texture_png(np.full((32, 32, 3), 180, np.uint8))
     assert set(files) == {"detailed.obj", "detailed.mtl", "texture.png"}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -127,9 +135,9 @@ def test_surface_measures_of_known_offsets() -> None:
     cfg = SurfaceConfig()
     same = surface_errors(flat, flat, cfg)
     assert same["chamfer_mm"] == 0 and same["mesh_normal_deg"] == 0 and same["completeness"] == 1
-    lifted = surface_errors(Surface(points + [0, 0, 0.3], normals), flat, cfg)
+    lifted = surface_errors(Surface(points + np.array([0, 0, 0.3]), normals), flat, cfg)
     assert lifted["chamfer_mm"] == pytest.approx(0.3) and lifted["completeness"] == 1
-    far = surface_errors(Surface(points + [0, 0, 3.0], normals), flat, cfg)
+    far = surface_errors(Surface(points + np.array([0, 0, 3.0]), normals), flat, cfg)
     assert far["completeness"] == 0 and far["chamfer_mm"] == pytest.approx(3.0)
 
 

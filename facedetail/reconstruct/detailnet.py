@@ -112,7 +112,8 @@ class DetailNet:
             except RuntimeError as err:
                 raise SourceFileError(path, f"the {region} weights do not fit the network in its metadata "
                                       f"({' '.join(str(err).split())[:200]})", _REMEDY) from None
-            generator.eval()
+            # channels_last: measured 1.16x the patches/s of NCHW for this forward on one core (bench/reconstruct.py).
+            generator.eval().to(memory_format=torch.channels_last)
             generators[region] = generator
             boxes[region] = RegionBox(region, *box["rows"], *box["cols"])
         return cls(generators, boxes, int(meta["chart_resolution"]), int(meta["stride"]), meta, device)
@@ -143,7 +144,8 @@ class DetailNet:
             for start in range(0, len(origins), config.batch_size):
                 chunk = origins[start:start + config.batch_size]
                 v = np.stack([value[r:r + p, c:c + p] for r, c in chunk])[:, None]
-                out = generator(torch.from_numpy(normalize_patch(v)).to(self.device))
+                x = torch.from_numpy(normalize_patch(v)).to(self.device).contiguous(memory_format=torch.channels_last)
+                out = generator(x)
                 all_d.append(out.displacement_mm[:, 0].float().cpu().numpy())
                 all_pca.append(out.pca_patch_mm[:, 0].float().cpu().numpy())
             all_origins.append(origins)

@@ -18,10 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import trimesh
 from numpy.typing import NDArray
 from PIL import Image, PngImagePlugin
 
+from facedetail.io.images import encode_png
 from facedetail.model.morphable import MorphableModel
 from facedetail.render.detailed import DetailedSurface, SubdivisionMap, displace, uniform_subdivision_map
 
@@ -95,14 +99,40 @@ def textured_mesh(vertices: NDArray[np.floating], faces: NDArray[np.integer], uv
 
 
 def obj_files(mesh: trimesh.Trimesh, stem: str) -> dict[str, bytes]:
-    """``{stem}.obj``, ``{stem}.mtl`` and its texture PNG as bytes (file names inside refer to each other)."""
-    text, files = trimesh.exchange.obj.export_obj(mesh, include_normals=mesh.vertex_normals is not None,
-                                                  include_texture=True, return_texture=True,
-                                                  mtl_name=f"{stem}.mtl", digits=OBJ_DIGITS)
-    out = {f"{stem}.obj": text.encode("utf-8")}
-    for name, data in files.items():
-        out[name] = data
-    return out
+    """``{stem}.obj`` and ``{stem}.mtl`` as bytes; the material reads ``texture.png`` (:func:`texture_png`).
+
+    The OBJ text is formatted by Arrow's C++ number-to-string casts, not by trimesh's exporter: for a 216,192-vertex
+    face trimesh took 2.2 s (Python ``str.format`` per row), this 0.6 s, for the same numbers (5 decimals of mm)."""
+    uv = np.asarray(mesh.visual.uv, np.float64)
+    normals = np.asarray(mesh.vertex_normals, np.float64)
+    faces = np.asarray(mesh.faces, np.int64) + 1
+    corner = [pc.cast(pa.array(faces[:, k]), pa.string()) for k in range(3)]
+    body = b"".join([
+        _lines("v", np.asarray(mesh.vertices, np.float64), OBJ_DIGITS), _lines("vt", uv, 6),
+        _lines("vn", normals, OBJ_DIGITS),
+        _csv(pc.binary_join_element_wise(pa.scalar("f"), *[pc.binary_join_element_wise(c, c, c, "/") for c in corner],
+                                         " ")),
+    ])
+    header = f"# facedetail: {len(uv)} vertices, {len(faces)} triangles, mm\nmtllib {stem}.mtl\nusemtl {TEXTURE_NAME}\n"
+    mtl = (f"newmtl {TEXTURE_NAME}\nKa 1.0 1.0 1.0\nKd 1.0 1.0 1.0\nKs 0.0 0.0 0.0\nillum 1\n"
+           f"map_Kd {TEXTURE_NAME}.png\n")
+    return {f"{stem}.obj": header.encode() + body, f"{stem}.mtl": mtl.encode()}
+
+
+def texture_png(texture: NDArray[np.uint8]) -> dict[str, bytes]:
+    """``texture.png``, the file both OBJs' materials read (zlib level 3: 1024² in ~0.1 s)."""
+    return {f"{TEXTURE_NAME}.png": encode_png(texture, 3)}
+
+
+def _lines(prefix: str, values: NDArray[np.float64], digits: int) -> bytes:
+    cols = [pc.cast(pa.array(np.round(values[:, k], digits) + 0.0), pa.string()) for k in range(values.shape[1])]
+    return _csv(pc.binary_join_element_wise(pa.scalar(prefix), *cols, " "))
+
+
+def _csv(lines: pa.Array) -> bytes:
+    buf = io.BytesIO()
+    pa_csv.write_csv(pa.table({"line": lines}), buf, pa_csv.WriteOptions(include_header=False, quoting_style="none"))
+    return buf.getvalue()
 
 
 def glb_bytes(mesh: trimesh.Trimesh) -> bytes:
@@ -140,7 +170,7 @@ class DisplacementPNG:
         info = PngImagePlugin.PngInfo()
         info.add_text(PNG_TEXT_KEY, json.dumps(self.meta(), sort_keys=True))
         buf = io.BytesIO()
-        Image.fromarray(values.astype(np.uint16)).save(buf, format="PNG", pnginfo=info, compress_level=6)
+        Image.fromarray(values.astype(np.uint16)).save(buf, format="PNG", pnginfo=info, compress_level=3)
         return buf.getvalue()
 
     @staticmethod
@@ -156,5 +186,5 @@ def normal_map_png(normals: NDArray[np.floating], valid: NDArray[np.bool_]) -> b
     """8-bit RGB PNG of unit model-frame normals: ``rgb = (n + 1) / 2 · 255``, (128, 128, 128) where invalid."""
     rgb = np.where(valid[..., None], np.round((np.asarray(normals) + 1.0) * 127.5), 128).clip(0, 255)
     buf = io.BytesIO()
-    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG", compress_level=6)
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG", compress_level=3)
     return buf.getvalue()

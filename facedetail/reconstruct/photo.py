@@ -49,6 +49,7 @@ from facedetail.reconstruct.mesh import (
     glb_bytes,
     normal_map_png,
     obj_files,
+    texture_png,
     textured_mesh,
 )
 from facedetail.reconstruct.preview import PreviewRenderer, diverging, face_crop, preview_panel
@@ -216,6 +217,7 @@ class Reconstructor:
         files: dict[str, bytes] = {}
         texture = fill_texture(result.texture, result.visible)
         normals = self.model.vertex_normals(result.proxy_vertices.astype(np.float32)).astype(np.float64)
+        files.update(texture_png(texture))
         files.update(obj_files(textured_mesh(result.proxy_vertices, self.model.triangles, self.model.uv, texture,
                                              normals), "proxy"))
         detailed_mesh = textured_mesh(detailed.vertices, detailed.faces, detailed.uv, texture, detailed.normals)
@@ -230,7 +232,7 @@ class Reconstructor:
         files["displacement.json"] = (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode()
         normal_map, normal_ok = self.normal_map(result)
         files["normal.png"] = normal_map_png(normal_map, normal_ok)
-        files["preview.png"] = encode_png(self.preview(result, proxy_surface, detailed), 6)
+        files["preview.png"] = encode_png(self.preview(result, proxy_surface, detailed), 3)
         if cfg.viewer:
             files["view.html"] = viewer_html(detailed.vertices, detailed.faces, detailed.normals, detailed.uv,
                                              texture, result.name).encode("utf-8")
