@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from facedetail.errors import FacedetailError
+from facedetail.io.cards import CARD_NAME
 from facedetail.io.lineage import ParentRef
 from facedetail.io.manifest import MANIFEST_NAME, read_manifest
 from flows.dag import load_stage, stage_order
@@ -76,6 +77,9 @@ def run_stage(name: str, module: str, root: str) -> dict[str, Any]:
         description=f"{name}: {sum(r['items'] for r in rows)} items, {sum(r['bytes'] for r in rows)} bytes; "
                     f"{result.summary}",
     )
+    card = result.out_dir / CARD_NAME
+    create_markdown_artifact(key=f"{name.replace('_', '-')}-card", markdown=card.read_text(encoding="utf-8"),
+                             description=f"{name}: dataset card ({CARD_NAME} beside its manifest)")
     get_run_logger().info("%s wrote %s: %s", name, result.out_dir, result.summary)
     return {"stage": name, "outputs": result.outputs, "summary": result.summary}
 
