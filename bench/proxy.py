@@ -2,6 +2,7 @@
 
     python bench/proxy.py [--faces 2000] [--eos-faces 200] [--photos data/wild_synth/images] [--repeat 4]
                           [--model data/face_model/model.npz] [--share data/external/eos-share]
+                          [--resolution 512 1024] [--runs 3] [--encodings] [--skip-fit]
 
 1. Fitting only: the same landmarks (exact 2-D landmarks of random Surrey-model faces, random
    pose up to ±40° yaw, plus 1 px noise) go to our ``ProxyFitter`` (batches of 256, β fixed as
@@ -9,13 +10,21 @@
    ``fit_shape_and_pose`` (5 iterations, its default), one image at a time. Prints fits/s of
    each, the ratio (target >= 10x) and both mean landmark errors.
 2. End to end: the wild_proxy shard worker over a folder of photos (decode, detect, landmarks,
-   β_prior lookup, fit, UV unwrap, PNG encode), in 1 and in 2 processes; prints photos/s and the
-   projected time for the paper's 163K photos.
+   β_prior lookup, fit, UV unwrap, texture encode), per texture resolution: the split per step of
+   one warm process, then ``--runs`` runs in 1 and in 2 processes counting their start-up (model,
+   detector, dictionary, emotion network, UV raster, compiled loops), on the photos once and three
+   times over: the best of each, the spread, the steady rate from their difference (start-up
+   cancels out), and the projected time for the paper's 163K photos. The machine's load is
+   printed: on a shared machine, trust the best run.
+3. ``--encodings``: each way to store a texture (PNG through OpenCV at zlib levels 1, 3, 6; PNG
+   with the Up filter through ISA-L, what the stage writes; WebP lossless at its fastest method;
+   raw RGBA bytes), time and size per texture, at every resolution.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import tempfile
 import time
@@ -27,14 +36,14 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from facedetail.features.landmarks import DetectorConfig
-from facedetail.io.images import encode_png
+from facedetail.io.images import encode_png, encode_png_fast
 from facedetail.io.shards import ShardTask, build_shards, shard_tasks
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.eos_reference import EosFitter
 from facedetail.proxy.fit import LEFT_CONTOUR, RIGHT_CONTOUR, Cameras, FitConfig, ProxyFitter
 from facedetail.proxy.inputs import InputItem, LoadConfig, LoadedPhoto, list_inputs, load_photo
 from facedetail.proxy.pipeline import ProxyShardWorker, ProxySpec
-from facedetail.proxy.texture import TextureConfig, unwrap
+from facedetail.proxy.texture import TextureConfig, Unwrapped, encode_texture, unwrap
 from facedetail.render.camera import euler_rotation
 
 PAPER_PHOTOS = 163_000
@@ -111,40 +120,95 @@ def _bench_fit(model: MorphableModel, share: Path, faces: int, eos_faces: int) -
     print("  (landmark error: mean over the 50 landmarks with fixed vertices; the β-prior run is given the true β)")
 
 
-def bench_end_to_end(model_path: Path, dictionary: Path, photos: Path, repeat: int) -> None:
+SHARD_SIZE = 32
+"""Photos per shard, as the stage's default (params.yaml: wild_proxy.shard_size)."""
+
+
+def bench_end_to_end(model_path: Path, dictionary: Path, photos: Path, repeat: int, resolution: int,
+                     runs: int) -> list[Unwrapped]:
+    """Per-step split and end-to-end photos/s at one texture resolution; returns some textures for --encodings."""
     base = list_inputs(photos)
     if not base:
         raise SystemExit(f"no photos in {photos}")
     # The same photos several times under new ids: enough work to see steady throughput.
     items = [InputItem(f"{i.id}-r{r}", i.path, i.relative, i.box, i.label) for r in range(repeat) for i in base]
     spec = ProxySpec({i.id: i for i in items}, model_path, dictionary, LoadConfig(), DetectorConfig(), FitConfig(),
-                     TextureConfig(), "bench")
-    print(f"== end to end: {len(base)} photos x {repeat} from {photos} (decode, detect, landmarks, β_prior, fit, "
-          f"512² UV unwrap, PNG)")
+                     TextureConfig(resolution=resolution), "bench")
+    print(f"== end to end at {resolution}² textures: {len(base)} inputs x {repeat} from {photos} (decode, detect, "
+          f"landmarks, β_prior, fit, UV unwrap, texture PNG ({spec.texture.png_encoder}))")
     with threadpool_limits(1), tempfile.TemporaryDirectory() as tmp:
         torch.set_num_threads(1)
         t0 = time.perf_counter()
         worker = ProxyShardWorker(spec)
         init_s = time.perf_counter() - t0
-        steps = _step_times(worker, base)
+        steps, textures = _step_times(worker, base)
         t0 = time.perf_counter()
         worker(ShardTask("all", tuple(i.id for i in items)), Path(tmp) / "all.tar", lambda n: None)
         steady = len(items) / (time.perf_counter() - t0)
-    print(f"  one process, one thread: start-up (model, detector, dictionary, emotion network, UV raster) "
-          f"{init_s:.1f} s, then {steady:.2f} photos/s")
-    print("  per usable photo: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in steps.items()))
+    print(f"  one warm process, one thread: start-up {init_s:.1f} s, then {steady:.2f} photos/s")
+    print("  per usable photo: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in steps.items())
+          + f" (total {sum(steps.values()) * 1000:.1f} ms)")
     for workers in (1, 2):
-        with tempfile.TemporaryDirectory() as tmp:
-            tasks = shard_tasks([i.id for i in items], 64)
-            report = build_shards(tasks, Path(tmp), f"bench-{workers}", partial(ProxyShardWorker, spec),
-                                  workers=workers, desc=f"{workers} process(es)")
-            rate = len(items) / report.seconds
-            print(f"  {workers} process(es), shards of 64: {rate:6.2f} photos/s (start-up included); "
-                  f"{PAPER_PHOTOS} photos: {PAPER_PHOTOS / rate / 3600:.1f} h")
+        runs_at: dict[int, list[float]] = {}
+        for times in (1, 3):  # the photos once and three times over: the difference is free of start-up
+            work = [InputItem(f"{i.id}-x{k}", i.path, i.relative, i.box, i.label) for k in range(times) for i in items]
+            spec_k = ProxySpec({i.id: i for i in work}, *_spec_tail(spec))
+            runs_at[len(work)] = [_shard_run(spec_k, work, workers, f"{workers}-{times}-{run}") for run in range(runs)]
+        (n1, t1), (n3, t3) = ((n, min(ts)) for n, ts in sorted(runs_at.items()))
+        steady = (n3 - n1) / (t3 - t1)
+        start = max(t1 - n1 / steady, 0.0)
+        spread = "; ".join(f"{n} photos: {', '.join(f'{n / t:.1f}' for t in ts)}" for n, ts in sorted(runs_at.items()))
+        print(f"  {workers} process(es), shards of {SHARD_SIZE}, start-up included: best {n1 / t1:.1f} photos/s on "
+              f"{n1}, {n3 / t3:.1f} on {n3} (runs, photos/s: {spread}; load average now {os.getloadavg()[0]:.2f})")
+        print(f"    steady rate (from the difference) {steady:.1f} photos/s, start-up {start:.1f} s: {PAPER_PHOTOS} "
+              f"photos in {(start + PAPER_PHOTOS / steady) / 3600:.2f} h")
+    return textures
 
 
-def _step_times(worker: ProxyShardWorker, items: list[InputItem]) -> dict[str, float]:
-    """Mean seconds per photo with a face, step by step, over ``items`` (after one warm-up pass)."""
+def _spec_tail(spec: ProxySpec) -> tuple:
+    return (spec.model_path, spec.dictionary_path, spec.load, spec.detector, spec.fit, spec.texture, spec.params_hash)
+
+
+def _shard_run(spec: ProxySpec, items: list[InputItem], workers: int, name: str) -> float:
+    """Seconds of build_shards over ``items`` in ``workers`` processes, their start-up included.
+
+    One process runs in this one, limited to one thread as the stage's pool processes are
+    (shards.one_thread_per_process); otherwise BLAS, OpenCV and torch threads fight over the cores.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = shard_tasks([i.id for i in items], SHARD_SIZE)
+        factory = partial(ProxyShardWorker, spec)
+        if workers == 1:
+            with threadpool_limits(1):
+                torch.set_num_threads(1)
+                return build_shards(tasks, Path(tmp), f"bench-{name}", factory, workers=1, desc=name).seconds
+        return build_shards(tasks, Path(tmp), f"bench-{name}", factory, workers=workers, desc=name).seconds
+
+
+def bench_encodings(textures: list[Unwrapped], resolution: int) -> None:
+    """Time and size of each way to store a texture."""
+    from PIL import Image
+
+    def webp(rgba: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buf, "WEBP", lossless=True, method=0, quality=0, exact=True)
+        return buf.getvalue()
+
+    rgbas = [t.rgba() for t in textures]
+    ways = {f"PNG, OpenCV zlib level {k}": partial(lambda r, k: encode_png(r, k), k=k) for k in (1, 3, 6)}
+    ways |= {"PNG, Up filter + ISA-L level 1 (the stage)": encode_png_fast, "WebP lossless, method 0": webp,
+             "raw RGBA bytes": lambda r: r.tobytes()}
+    print(f"== texture encodings at {resolution}², {len(rgbas)} textures of real fits")
+    for name, fn in ways.items():
+        fn(rgbas[0])
+        t0 = time.perf_counter()
+        sizes = [len(fn(r)) for r in rgbas]
+        ms = (time.perf_counter() - t0) / len(rgbas) * 1000
+        print(f"  {name:<44} {ms:7.1f} ms {np.mean(sizes) / 1e3:8.0f} KB")
+
+
+def _step_times(worker: ProxyShardWorker, items: list[InputItem]) -> tuple[dict[str, float], list[Unwrapped]]:
+    """Mean seconds per photo with a face, step by step, over ``items`` (after one warm-up pass), and the textures."""
     spec = worker.spec
     faces = []
     for item in items:
@@ -154,7 +218,7 @@ def _step_times(worker: ProxyShardWorker, items: list[InputItem]) -> dict[str, f
             if found.face is not None:
                 faces.append((item, found.face.landmarks))
     worker.dictionary.prior_for_faces([load_photo(faces[0][0].path, spec.load).rgb], faces[0][1][None])
-    times = dict.fromkeys(("decode", "detect", "β_prior", "fit", "unwrap", "png"), 0.0)
+    times = dict.fromkeys(("decode", "detect", "β_prior", "fit", "unwrap", "encode"), 0.0)
 
     def timed(name: str, fn):
         t0 = time.perf_counter()
@@ -167,13 +231,16 @@ def _step_times(worker: ProxyShardWorker, items: list[InputItem]) -> dict[str, f
     prior = timed("β_prior", lambda: worker.dictionary.prior_for_faces(rgbs, lms))
     sizes = np.array([(r.shape[1], r.shape[0]) for r in rgbs], np.float64)
     fit = timed("fit", lambda: worker.fitter.fit(lms, sizes, prior.beta))
+    textures = []
     for k, rgb in enumerate(rgbs):
         verts = worker.model.vertices(fit.alpha[k], fit.beta[k])
         out = timed("unwrap", lambda rgb=rgb, verts=verts, k=k: unwrap(
             rgb, verts, worker.model.vertex_normals(verts), fit.cameras.select(k), sizes[k].max() / spec.fit.fit_size,
             worker.raster, spec.texture))
-        timed("png", lambda out=out: encode_png(out.rgba(), spec.texture.png_compression))
-    return {k: v / len(faces) for k, v in times.items()}
+        timed("encode", lambda out=out: encode_texture(out, spec.texture))
+        if len(textures) < 16:
+            textures.append(out)
+    return {k: v / len(faces) for k, v in times.items()}, textures
 
 
 def main() -> None:
@@ -185,11 +252,18 @@ def main() -> None:
     parser.add_argument("--dictionary", type=Path, default=Path("data/dictionary"))
     parser.add_argument("--photos", type=Path, default=Path("data/wild_synth/images"))
     parser.add_argument("--repeat", type=int, default=4, help="times each photo is processed end to end")
+    parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024], help="texture sides to measure")
+    parser.add_argument("--runs", type=int, default=2, help="end-to-end runs per process count (best is reported)")
+    parser.add_argument("--encodings", action="store_true", help="also time every texture encoding")
+    parser.add_argument("--skip-fit", action="store_true", help="leave out the fitting-only comparison with eos-py")
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}")
-    model = MorphableModel.load(args.model)
-    bench_fit(model, args.share, args.faces, args.eos_faces)
-    bench_end_to_end(args.model, args.dictionary, args.photos, args.repeat)
+    if not args.skip_fit:
+        bench_fit(MorphableModel.load(args.model), args.share, args.faces, args.eos_faces)
+    for resolution in args.resolution:
+        textures = bench_end_to_end(args.model, args.dictionary, args.photos, args.repeat, resolution, args.runs)
+        if args.encodings:
+            bench_encodings(textures, resolution)
 
 
 if __name__ == "__main__":

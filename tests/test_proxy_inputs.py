@@ -33,6 +33,7 @@ from facedetail.proxy.inputs import (
     item_id,
     list_inputs,
     load_photo,
+    scan_inputs,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,9 @@ def test_truncated_jpeg(tmp_path: Path, cut: float) -> None:
     data = _jpeg(tmp_path / "full.jpg", _pattern(240, 320)).read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[:int(len(data) * cut)])
     failure = _failed(load_photo(tmp_path / "cut.jpg", LoadConfig()))
-    assert failure.kind == "truncated image" and failure.reason.startswith("truncated image: JPEG data ends early")
+    assert failure.kind == "truncated image"
+    assert failure.reason == ("truncated image: JPEG data ends before the image does "
+                              "(libjpeg: Premature end of JPEG file)")
 
 
 def test_truncated_jpeg_is_caught_even_if_someone_enabled_pil_truncated_loading(
@@ -211,19 +214,17 @@ def test_hash_is_of_the_file_bytes(tmp_path: Path) -> None:
     assert photo.notes == () and photo.scale == 1.0 and photo.original_size == (64, 64)
 
 
-def test_files_above_the_memory_limit_are_streamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import facedetail.proxy.inputs as inputs
-
+def test_a_file_over_max_file_bytes_is_refused_from_its_size(tmp_path: Path) -> None:
     path = _jpeg(tmp_path / "a.jpg", _pattern(600, 800))
-    in_memory = _loaded(load_photo(path, LoadConfig(max_side=256)))
-    monkeypatch.setattr(inputs, "READ_INTO_MEMORY_MAX", 1000)  # the file is larger: hashed in a stream, read by PIL
-    streamed = _loaded(load_photo(path, LoadConfig(max_side=256)))
-    assert streamed.sha256 == in_memory.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    np.testing.assert_array_equal(streamed.rgb, in_memory.rgb)
-    assert streamed.notes == in_memory.notes == ("JPEG decoded at 1/2", "downscaled 800x600 -> 256x192")
-    data = path.read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
-    assert _failed(load_photo(tmp_path / "cut.jpg", LoadConfig())).kind == "truncated image"
+    size = path.stat().st_size
+    photo = _loaded(load_photo(path, LoadConfig(max_side=256)))
+    assert photo.notes == ("JPEG decoded at 1/2", "downscaled 800x600 -> 256x192")
+    assert photo.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    failure = _failed(load_photo(path, LoadConfig(max_file_bytes=size - 1)))
+    assert failure.reason == f"file too large: {size} bytes, over max_file_bytes {size - 1}"
+    with open(tmp_path / "hole.jpg", "wb") as fh:  # 10 GB on paper: refused without a read
+        fh.truncate(10 << 30)
+    assert _failed(load_photo(tmp_path / "hole.jpg", LoadConfig())).kind == "file too large"
 
 
 # --- size limits ---------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def test_huge_png_is_refused_from_its_header_alone(tmp_path: Path) -> None:
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
     (tmp_path / "huge.png").write_bytes(data)
     failure = _failed(load_photo(tmp_path / "huge.png", LoadConfig()))
-    assert failure.reason == "image too large: 20000x20000 exceeds max_pixels 200000000"
+    assert failure.reason == "image too large: 20000x20000 exceeds max_pixels 25000000"
 
 
 _MEASURE = """
@@ -303,14 +304,21 @@ def _touch(path: Path, data: bytes = b"x") -> None:
 def test_list_a_folder_tree(tmp_path: Path) -> None:
     src = tmp_path / "photos"
     for rel in ("happy/b.JPG", "happy/a.jpeg", "sad/deep/c.png", "z.webp", "y.BMP", "notes.txt", ".hidden.jpg",
-                ".cache/d.jpg", "sad/e.gif"):
+                ".cache/d.jpg", "sad/e.gif", "t.tiff", "p.ppm", "README"):
         _touch(src / rel)
-    items = list_inputs(src)
-    assert [i.relative for i in items] == ["happy/a.jpeg", "happy/b.JPG", "sad/deep/c.png", "y.BMP", "z.webp"]
+    listing = scan_inputs(src)
+    items = listing.items
+    assert items == list_inputs(src)
+    assert [i.relative for i in items] == ["happy/a.jpeg", "happy/b.JPG", "p.ppm", "sad/deep/c.png", "sad/e.gif",
+                                           "t.tiff", "y.BMP", "z.webp"]
+    assert [(s.path, s.reason) for s in listing.skipped] == [
+        (".cache/", "hidden folder (not searched)"), (".hidden.jpg", "hidden file"), ("README", "no file extension"),
+        ("notes.txt", "extension not an image (.txt)")]
+    assert listing.entries == 12
     assert all(i.path == (src / i.relative).resolve() and i.path.is_absolute() for i in items)
     assert all(i.box is None and i.label is None for i in items)
     assert len({i.id for i in items}) == len(items)
-    assert items[2].id == "sad-deep-c-png-" + hashlib.sha256(b"sad/deep/c.png").hexdigest()[:12]
+    assert items[3].id == "sad-deep-c-png-" + hashlib.sha256(b"sad/deep/c.png").hexdigest()[:12]
     with pytest.raises(ValueError, match="lists only"):
         list_inputs(src, root=tmp_path)
 
@@ -370,9 +378,6 @@ def test_malformed_lists_raise_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "nopath.csv").write_text("file,label\na.jpg,1\n")
     with pytest.raises(SourceFileError, match=r"no path column \(columns: file, label\).*`path`"):
         list_inputs(tmp_path / "nopath.csv")
-    (tmp_path / "twice.csv").write_text("path\na.jpg\nb.jpg\na.jpg\n")
-    with pytest.raises(SourceFileError, match=r"row 3: a.jpg is listed twice \(first in row 1\)"):
-        list_inputs(tmp_path / "twice.csv")
     (tmp_path / "halfbox.csv").write_text("path,face_x,face_y\na.jpg,1,2\n")
     with pytest.raises(SourceFileError, match="face box columns incomplete"):
         list_inputs(tmp_path / "halfbox.csv")
@@ -384,3 +389,17 @@ def test_malformed_lists_raise_clear_errors(tmp_path: Path) -> None:
         list_inputs(tmp_path / "list.json")
     with pytest.raises(SourceFileError, match="not found"):
         list_inputs(tmp_path / "missing")
+
+
+def test_a_photo_listed_twice_or_under_another_spelling_is_one_item_and_duplicates(tmp_path: Path) -> None:
+    (tmp_path / "list").mkdir()
+    _jpeg(tmp_path / "list/a.jpg", _pattern(64, 64))
+    (tmp_path / "list/link.jpg").symlink_to("a.jpg")
+    (tmp_path / "list/twice.csv").write_text("path\na.jpg\nb.jpg\n./a.jpg\n../list/a.jpg\na.jpg\nlink.jpg\n")
+    listing = scan_inputs(tmp_path / "list/twice.csv")
+    assert [(i.relative, i.row) for i in listing.items] == [("a.jpg", 1), ("b.jpg", 2)]
+    first = listing.items[0].id
+    assert [(d.path, d.row, d.duplicate_of, d.reason) for d in listing.duplicates] == [
+        ("./a.jpg", 3, first, "same file as a.jpg (row 1)"), ("../list/a.jpg", 4, first, "same file as a.jpg (row 1)"),
+        ("a.jpg", 5, first, "same file as a.jpg (row 1)"), ("link.jpg", 6, first, "same file as a.jpg (row 1)")]
+    assert listing.entries == 6

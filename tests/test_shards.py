@@ -112,3 +112,43 @@ def test_a_rerun_removes_the_temp_files_of_killed_shards(tmp_path: Path) -> None
     assert (report.built, report.reused) == (1, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "shard-00000.done.json", "shard-00000.tar", "shard-00001.done.json", "shard-00001.tar"]
+
+
+def _sparse_shard(tmp_path: Path, size: int = 256 << 20) -> Path:
+    """A tar of a few KB holding one sparse member of ``size`` bytes (GNU tar's --sparse), WebDataset-named."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is needed to write a sparse member")
+    member = tmp_path / "x-1.bin"
+    with open(member, "wb") as fh:
+        fh.seek(size - 1)
+        fh.write(b"\0")
+    shard = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "-cf", str(shard), "-C", str(tmp_path), member.name], check=True)
+    member.unlink()
+    assert shard.stat().st_size < 64 << 10
+    return shard
+
+
+def test_readers_refuse_a_sparse_member_before_reading_it(tmp_path: Path) -> None:
+    from facedetail.errors import SourceFileError
+
+    shard = _sparse_shard(tmp_path)
+    with pytest.raises(SourceFileError, match=r"shard member 'x-1.bin' is a sparse file"):
+        list(iter_tar_shard(shard))
+    with pytest.raises(SourceFileError, match="sparse file"):
+        read_tar_samples(shard, ["x-1"])
+
+
+def test_readers_cap_member_sizes(tmp_path: Path) -> None:
+    from facedetail.errors import SourceFileError
+
+    shard = write_tar_shard(tmp_path / "a.tar", [{"__key__": "k", "bin": b"x" * 1000, "json": b"{}"}])
+    assert [s["bin"] for s in iter_tar_shard(shard, max_member_bytes=1000)] == [b"x" * 1000]
+    with pytest.raises(SourceFileError, match=r"'k.bin' is 1000 bytes, over the 999-byte member cap"):
+        list(iter_tar_shard(shard, max_member_bytes=999))
+    with pytest.raises(SourceFileError, match="over the 999-byte member cap"):
+        read_tar_samples(shard, ["k"], max_member_bytes=999)
+    assert read_tar_samples(shard, ["other"], max_member_bytes=10) == [], "members not asked for are not read"

@@ -4,14 +4,19 @@ determinism."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_CHART, TINY_FACES, TINY_PROXY, TINY_TRAIN
+from conftest import TINY_CHART, TINY_FACES, TINY_PROXY, TINY_TRAIN, tool_env
+from skimage import data
+from test_hostile_inputs import Case, make_hostile_folder, make_hostile_list, run_without_root
 
 from facedetail.errors import SourceFileError
 from facedetail.features.landmarks import DetectorConfig
@@ -228,3 +233,262 @@ def test_an_exception_on_one_photo_is_quarantined_not_fatal(built: Path, tmp_pat
         "landmarks failed: RuntimeError: Unsupported image type, must be 8bit gray or RGB image.")
     assert by_path["astronaut.png"]["source_sha256"]  # decoded, so the file's facts are kept
     assert by_path[fitted[0]]["status"] == OK and len(rows) == 2
+
+
+# --- hostile inputs through the stage and `facedetail prior` (the files: tests/test_hostile_inputs.py) ----------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hostile_root(built: Path, name: str) -> Path:
+    """A root whose wild_proxy reads ``photos/`` (or a list), with the built model and dictionary linked in."""
+    import yaml
+
+    root = built / name
+    for sub in ("data/face_model", "data/dictionary"):
+        (root / sub).parent.mkdir(parents=True, exist_ok=True)
+        (root / sub).symlink_to(built / sub)
+    params = {"uv_chart": {"resolution": TINY_CHART},
+              "wild_proxy": {"input": "photos", "truth": "", "expected": "", "astronaut": "", "eos_share": "",
+                             "workers": 1, "shard_size": 8, "eos_compare_max": 0, "sheet_faces": 4}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def _run_stage(root: Path) -> dict[str, list[dict]]:
+    """``python -m stages.wild_proxy`` as DVC runs it, by a user who cannot read a mode-000 file; its tables."""
+    proc = run_without_root([sys.executable, "-m", "stages.wild_proxy", "--root", str(root)], cwd=ROOT,
+                            env=tool_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    out = root / "data/wild_proxy"
+    tables = {name: pq.read_table(out / f"{name}.parquet").to_pylist()
+              for name in ("proxies", "quarantine", "skipped", "duplicates")}
+    tables["metrics"] = [json.loads((root / "metrics/wild_proxy.json").read_text())]
+    return tables
+
+
+def _check_accounting(tables: dict[str, list[dict]], cases: list[Case]) -> None:
+    """Every case in exactly one table with its specific reason; the metrics' sum is the listing's size."""
+    proxies = {r["path"]: r for r in tables["proxies"]}
+    skipped = {r["path"]: r for r in tables["skipped"]}
+    duplicates = tables["duplicates"]
+    quarantine = {q["id"]: q for q in tables["quarantine"]}
+    assert {r["id"] for r in proxies.values() if r["status"] != OK} == set(quarantine)
+    dup_by_path: dict[str, list[dict]] = {}
+    for d in duplicates:
+        dup_by_path.setdefault(d["path"], []).append(d)
+    for case in cases:
+        if case.where in ("fitted", "quarantined"):
+            row = proxies.get(case.rel)
+            assert row is not None and case.rel not in skipped, case
+            if case.where == "fitted":
+                assert row["status"] == OK, (case, row["reason"])
+                if case.expect.startswith("warning:"):
+                    assert (row["decode_warning"] or "").startswith(case.expect[8:]), (case, row["decode_warning"])
+                elif case.expect:
+                    assert any(n.startswith(case.expect) for n in row["load_notes"]), (case, row["load_notes"])
+            else:
+                assert row["status"] != OK and row["reason"].startswith(case.expect), (case, row["reason"])
+        elif case.where == "skipped":
+            assert case.rel not in proxies and skipped[case.rel]["reason"].startswith(case.expect), case
+        else:
+            assert case.rel not in proxies and case.rel not in skipped, case
+            assert any(d["reason"] == case.expect for d in dup_by_path.pop(case.rel)), case
+    m = tables["metrics"][0]
+    listed = len(tables["proxies"]) + len(tables["skipped"]) + len(tables["duplicates"])
+    assert m["inputs"] == sum(m["accounted"].values()) == listed
+    assert m["accounted"] == {"fitted": sum(r["status"] == OK for r in tables["proxies"]),
+                              "quarantined": len(quarantine), "skipped": len(skipped), "duplicates": len(duplicates)}
+    assert m["decode_warnings"] == sum(r["decode_warning"] is not None for r in tables["proxies"]) >= 2
+
+
+@pytest.fixture(scope="module")
+def hostile_folder(built: Path) -> tuple[Path, list[Case]]:
+    root = _hostile_root(built, "case-hostile")
+    return root, make_hostile_folder(root / "photos", root / "outside", data.astronaut())
+
+
+def test_a_hostile_folder_runs_through_the_stage_every_file_accounted(hostile_folder: tuple[Path, list[Case]]) -> None:
+    root, cases = hostile_folder
+    tables = _run_stage(root)
+    assert {c.rel for c in cases} == ({r["path"] for r in tables["proxies"]} | {r["path"] for r in tables["skipped"]}
+                                      | {r["path"] for r in tables["duplicates"]})
+    _check_accounting(tables, cases)
+    odd = next(r for r in tables["proxies"] if r["path"] == "caf\\xe9-photo.jpg")
+    assert odd["listing_note"].startswith("file name is not valid UTF-8") and odd["status"] == OK
+    assert {r["duplicate_of"] for r in tables["duplicates"] if r["path"].startswith("z_copies/")} == {
+        next(r["id"] for r in tables["proxies"] if r["path"] == "face.jpg")}
+
+
+def test_a_hostile_latin1_list_runs_through_the_stage(built: Path, hostile_folder: tuple[Path, list[Case]]) -> None:
+    photos, _ = hostile_folder
+    root = _hostile_root(built, "case-hostile-list")
+    _, cases = make_hostile_list(photos / "photos", root / "list", data.astronaut())
+    import yaml
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["wild_proxy"]["input"] = "list/list.csv"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    tables = _run_stage(root)
+    by_row = {d["row"]: d for d in tables["duplicates"]}
+    rows = {r["path"]: r for r in tables["proxies"]}
+    assert len(rows) + len(by_row) == len(cases) and not tables["skipped"]
+    for n, case in enumerate(cases, start=1):
+        if case.where == "duplicates":
+            assert by_row[n]["reason"] == case.expect, (n, by_row.get(n))
+        elif case.where == "fitted":
+            assert rows[case.rel]["status"] == OK, (case, rows[case.rel]["reason"])
+        else:
+            assert rows[case.rel]["reason"].startswith(case.expect), (case, rows[case.rel]["reason"])
+    assert rows[next(c.rel for c in cases if "caf" in c.rel)]["label"] == "caf\\xe9"
+
+
+def test_prior_takes_every_hostile_file_one_json_line_each(hostile_folder: tuple[Path, list[Case]]) -> None:
+    """`facedetail prior` on the same files: the same decoder and face policy, so the same verdicts, one line each."""
+    root, cases = hostile_folder
+    photos = root / "photos"
+    args = [os.fsencode(photos / c.name) for c in cases if c.where in ("fitted", "quarantined")]
+    args += [os.fsencode(photos / n) for n in ("fifo.jpg", "loop.jpg", "broken.jpg", "sub", "missing.jpg")]
+    proc = run_without_root([sys.executable, "-m", "facedetail.cli", "prior", *args, "--dictionary",
+                             str(root / "data/dictionary")], cwd=ROOT, env=tool_env())
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == len(args)
+    if not (root / "data/wild_proxy/proxies.parquet").is_file():
+        _run_stage(root)
+    stage = {r["path"]: r for r in pq.read_table(root / "data/wild_proxy/proxies.parquet").to_pylist()}
+    for case, line in zip([c for c in cases if c.where in ("fitted", "quarantined")], lines, strict=False):
+        assert line["photo"].endswith(case.rel), (case, line["photo"])
+        if case.where == "fitted":
+            assert line["beta_prior"] is not None, (case, line["reason"])
+            # The stage looked the same face up (same decoder, detector and crop): the same neighbour.
+            assert line["neighbour"] == stage[case.rel]["beta_prior_id"], case
+        else:
+            assert line["beta_prior"] is None and line["reason"].startswith(case.expect), (case, line["reason"])
+    tail = [line["reason"] for line in lines[-5:]]
+    assert tail == ["not a file: a special file (FIFO)", "symlink loop: the link resolves to itself",
+                    "no such file (broken symlink)", "not a file: a folder", "no such file"]
+
+
+_WORKER_PEAK = """
+import json, sys
+from pathlib import Path
+from facedetail.features.landmarks import DetectorConfig
+from facedetail.io.shards import ShardTask
+from facedetail.proxy.fit import FitConfig
+from facedetail.proxy.inputs import LoadConfig, scan_inputs
+from facedetail.proxy.pipeline import ProxyShardWorker, ProxySpec
+from facedetail.proxy.texture import TextureConfig
+
+root, photos = Path(sys.argv[1]), Path(sys.argv[2])
+items = scan_inputs(photos).items
+spec = ProxySpec({i.id: i for i in items}, root / "data/face_model/model.npz", root / "data/dictionary", LoadConfig(),
+                 DetectorConfig(), FitConfig(), TextureConfig(resolution=1024), "rss")
+worker = ProxyShardWorker(spec)
+rows = worker(ShardTask("s", tuple(i.id for i in items)), Path(sys.argv[3]), lambda n: None)
+hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024
+print(json.dumps({"peak_mb": hwm, "reasons": {r["path"]: r.get("reason") for r in rows}}))
+"""
+WORKER_BUDGET_MB = 1024
+"""Peak resident memory of one wild_proxy worker (default profile: 1024² chart, shards of 32), whatever the input."""
+
+
+def test_one_worker_stays_under_its_memory_budget_on_any_input(built: Path, tmp_path: Path) -> None:
+    """A full shard of 32 (the default): 25 photos of 1024², the bombs, and a 5000² RGBA PNG at max_pixels."""
+    from test_hostile_inputs import bad_files
+
+    face = data.astronaut()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    big = cv2.resize(face, (1024, 1024), interpolation=cv2.INTER_CUBIC)
+    for k in range(25):
+        cv2.imwrite(str(photos / f"face-{k:02d}.jpg"), big[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 80 + k % 15])
+    bombs = bad_files(face)
+    for name in ("header_65500.jpg", "progressive_16000.jpg", "zlib_bomb_14000.png", "canvas_60000.gif",
+                 "header_50000.bmp", "idat_crc.png"):
+        (photos / name).write_bytes(bombs[name][0])
+    rgba = np.zeros((5000, 5000, 4), np.uint8)
+    rgba[..., 1], rgba[:2500, :, 3] = 180, 255
+    cv2.imwrite(str(photos / "rgba_5000.png"), rgba, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    del rgba
+    proc = subprocess.run([sys.executable, "-c", _WORKER_PEAK, str(built), str(photos), str(tmp_path / "s.tar")],
+                          cwd=ROOT, capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout)
+    assert got["reasons"]["face-00.jpg"] is None and got["reasons"]["zlib_bomb_14000.png"].startswith(
+        "image too large")
+    assert got["peak_mb"] < WORKER_BUDGET_MB, got["peak_mb"]
+
+
+# --- the compiled unwrap against the array version it replaced -----------------------------------------
+
+
+def _reference_unwrap(photo: np.ndarray, vertices: np.ndarray, normals: np.ndarray, camera, to_photo: float,
+                      raster, config: TextureConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The NumPy unwrap that facedetail.proxy.texture ran before its loops were compiled (sparse blend,
+    einsum projection, np.maximum.at z-buffer), kept here as the reference of "the same bytes"."""
+
+    blended = raster.blend(np.hstack([vertices, normals]))
+    pos, nrm = blended[:, :3], blended[:, 3:]
+    nrm /= np.maximum(np.linalg.norm(nrm, axis=1, keepdims=True), 1e-12)
+    fit_xy = camera.project(pos[None])[0]
+    photo_xy = np.column_stack([fit_xy[:, 0] * to_photo, -fit_xy[:, 1] * to_photo])
+    cells = fit_xy / (camera.scale[0] * config.zbuffer_cell_mm)
+    facing = nrm @ camera.rotation[0, 2] >= np.cos(np.radians(config.max_view_angle_deg))
+    depth = camera.depth(pos[None])[0]
+    return _reference_texels(photo, photo_xy, depth, facing, cells, raster, config)
+
+
+def _reference_texels(photo: np.ndarray, photo_xy: np.ndarray, depth: np.ndarray, facing: np.ndarray,
+                      cells: np.ndarray, raster, config: TextureConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The array version of unwrap_texels (the part unwrap_projective shares)."""
+    from facedetail.proxy.texture import _sample
+
+    cell = np.floor(cells).astype(np.int64)
+    lo = cell.min(axis=0)
+    span = cell.max(axis=0) - lo + 1
+    flat = (cell[:, 1] - lo[1]) * span[0] + (cell[:, 0] - lo[0])
+    zbuf = np.full(int(span[0] * span[1]), -np.inf)
+    np.maximum.at(zbuf, flat[facing], depth[facing])
+    unoccluded = depth >= zbuf[flat] - config.depth_tolerance_mm
+    px, py = photo_xy[:, 0].astype(np.float32), photo_xy[:, 1].astype(np.float32)
+    h, w = photo.shape[:2]
+    visible = facing & unoccluded & (px >= 0) & (px <= w - 1) & (py >= 0) & (py <= h - 1)
+    colours = _sample(photo, px, py)
+    texture = raster.image(np.where(visible[:, None], colours, 0).astype(np.uint8))
+    mask = raster.image(visible[:, None].astype(np.uint8))[..., 0].astype(bool)
+    return texture, mask
+
+
+@pytest.mark.parametrize("resolution", [TINY_CHART, 512])
+def test_the_compiled_unwrap_gives_the_array_versions_bytes(built: Path, resolution: int) -> None:
+    from facedetail.model.morphable import MorphableModel
+    from facedetail.proxy.fit import Cameras
+    from facedetail.proxy.inputs import load_photo
+    from facedetail.proxy.texture import UVTexels, texel_geometry, unwrap, unwrap_texels
+
+    model = MorphableModel.load(built / "data/face_model/model.npz")
+    raster = UVTexels.build(model.uv, model.triangles, resolution)
+    config = TextureConfig(resolution=resolution)
+    rows = [r for r in pq.read_table(built / "data/wild_proxy/proxies.parquet").to_pylist() if r["status"] == OK]
+    assert len(rows) >= 4
+    for row in rows:
+        photo = load_photo(built / "data/wild_synth/images" / row["path"], LoadConfig())
+        vertices = model.vertices(np.asarray(row["alpha"]), np.asarray(row["beta"]))
+        normals = model.vertex_normals(vertices)
+        camera = Cameras(np.array([row["camera_scale"]]), np.asarray(row["camera_rotation"]).reshape(1, 3, 3),
+                         np.asarray(row["camera_translation"])[None])
+        to_photo = 1.0 / row["fit_frame_scale"]
+        got = unwrap(photo.rgb, vertices, normals, camera, to_photo, raster, config)
+        texture, mask = _reference_unwrap(photo.rgb, vertices, normals, camera, to_photo, raster, config)
+        assert mask.any() and np.array_equal(got.mask, mask), row["path"]
+        assert np.array_equal(got.texture, texture), row["path"]
+        # The shared part alone, as unwrap_projective calls it: photo positions in pixel cells of 3 px.
+        pos, nrm = texel_geometry(raster, vertices, normals)
+        xy = camera.project(pos[None])[0] * [to_photo, -to_photo]
+        facing = nrm @ camera.rotation[0, 2] >= 0.3
+        got = unwrap_texels(photo.rgb, xy, camera.depth(pos[None])[0], facing, xy / 3.0, raster, config)
+        texture, mask = _reference_texels(photo.rgb, xy, camera.depth(pos[None])[0], facing, xy / 3.0, raster, config)
+        assert np.array_equal(got.mask, mask) and np.array_equal(got.texture, texture), row["path"]

@@ -29,10 +29,10 @@ from facedetail.config import Config
 from facedetail.dictionary.index import FeatureIndex, IndexConfig
 from facedetail.errors import FacedetailError, SourceFileError
 from facedetail.features.align import APPEARANCE_DIM, aligned_crop, appearance_features
-from facedetail.features.datasets import read_image
 from facedetail.features.faceset import FaceAligner, FaceFraming
 from facedetail.features.train import load_network, predict
 from facedetail.io.atomic import atomic_write_text
+from facedetail.io.decode import LoadConfig, LoadFailure, load_photo
 from facedetail.io.tables import write_table
 
 EMOTION_DIM = 128
@@ -111,6 +111,8 @@ class Prior:
     distance: float | None = None
     label: str | None = None
     reason: str | None = None
+    decode_warning: str | None = None
+    """A decoder warning that left the photo usable (see :attr:`facedetail.io.decode.LoadedPhoto.decode_warning`)."""
 
     @property
     def ok(self) -> bool:
@@ -192,59 +194,81 @@ class ExpressionDictionary:
         return PriorBatch(self.beta[rows], [self.ids[i] for i in rows], [self.labels[i] for i in rows],
                           distances[:, 0].astype(np.float32))
 
-    def prior(self, images: Sequence[np.ndarray | Path | str]) -> list[Prior]:
-        """β_prior of each photo (RGB/grey uint8 array or file path); faces are found as for the renders.
+    def prior(self, images: Sequence[np.ndarray | Path | str], load: LoadConfig | None = None) -> list[Prior]:
+        """β_prior of each photo (RGB/grey uint8 array or file path), one :class:`Prior` per photo, in order.
 
-        A photo that cannot be read or has no usable face gets a :class:`Prior` with ``beta`` None and
-        the reason; the others are looked up in one batch.
+        Files go through the project's one decoder (:func:`facedetail.io.decode.load_photo` with ``load``,
+        ``wild_proxy``'s defaults unless given): the same formats, size limits, corrupt-data checks and
+        conversions. Faces are found with the dictionary's detector, the one its renders went through
+        (the same detector settings and several-faces policy as ``wild_proxy``'s defaults), on the decoded
+        pixels, as ``wild_proxy`` finds them. A photo that cannot be decoded, has no usable face or fails
+        in any other way gets ``beta`` None and a one-line reason; it never costs the other photos their
+        results. The found faces are looked up in one batch.
         """
         aligner, _ = self._query_tools()
+        load = load or LoadConfig()
         results: list[Prior | None] = []
-        crops, landmarks, where = [], [], []
+        crops, landmarks, where, warnings = [], [], [], {}
         for i, image in enumerate(images):
             try:
-                pixels = read_image(Path(image)) if isinstance(image, str | Path) else np.asarray(image)
-            except (ValueError, FileNotFoundError) as err:
-                results.append(Prior(None, reason=str(err)))
+                if isinstance(image, str | Path):
+                    loaded = load_photo(image, load)
+                    if isinstance(loaded, LoadFailure):
+                        results.append(Prior(None, reason=loaded.reason))
+                        continue
+                    pixels, warnings[i] = loaded.rgb, loaded.decode_warning
+                else:
+                    pixels = np.asarray(image)
+                face = aligner.align(pixels)
+            except Exception as err:  # dlib raises RuntimeError on some images: this photo's reason, not the batch's
+                results.append(Prior(None, reason=f"face search failed: {type(err).__name__}: {err}"))
                 continue
-            face = aligner.align(pixels)
             if isinstance(face, str):
-                results.append(Prior(None, reason=face))
+                results.append(Prior(None, reason=face, decode_warning=warnings.get(i)))
                 continue
             results.append(None)
             crops.append(face.crop)
             landmarks.append(face.landmarks)
             where.append(i)
         if where:
-            batch = self._lookup(aligner, np.stack(crops), np.stack(landmarks))
+            batch = self._lookup(aligner.framing, np.stack(crops), np.stack(landmarks))
             for j, i in enumerate(where):
-                results[i] = Prior(batch.beta[j], batch.neighbour_ids[j], float(batch.distances[j]), batch.labels[j])
+                results[i] = Prior(batch.beta[j], batch.neighbour_ids[j], float(batch.distances[j]), batch.labels[j],
+                                   decode_warning=warnings.get(i))
         return [r for r in results if r is not None]
 
     def prior_for_faces(self, images: Sequence[np.ndarray], landmarks: np.ndarray) -> PriorBatch:
         """β_prior of faces whose 68 landmarks (B, 68, 2) are already known (no second detection).
 
-        The crops go through the same alignment as the renders' (``framing.json``).
+        The crops go through the same alignment as the renders' (``framing.json``). No detector is
+        loaded (dlib's predictor is 100 MB and 1.4 s to load: ``wild_proxy``'s workers have their own).
         """
-        aligner, _ = self._query_tools()
+        framing, _ = self._network()
         landmarks = np.asarray(landmarks, dtype=np.float64)
         if len(images) != len(landmarks):
             raise FacedetailError(f"{len(images)} images but {len(landmarks)} landmark sets")
         if not len(images):
             return PriorBatch(np.zeros((0, self.beta.shape[1]), self.beta.dtype), [], [], np.zeros(0, np.float32))
-        crops = np.stack([aligned_crop(img, lm, aligner.framing.reference, aligner.framing.crop)
+        crops = np.stack([aligned_crop(img, lm, framing.reference, framing.crop)
                           for img, lm in zip(images, landmarks, strict=True)])
-        return self._lookup(aligner, crops, landmarks)
+        return self._lookup(framing, crops, landmarks)
 
-    def _lookup(self, aligner: FaceAligner, crops: np.ndarray, landmarks: np.ndarray) -> PriorBatch:
-        _, net = self._query_tools()
+    def _lookup(self, framing: FaceFraming, crops: np.ndarray, landmarks: np.ndarray) -> PriorBatch:
+        _, net = self._network()
         _, emotion = predict(net, crops)
-        return self.prior_features(emotion, appearance_features(landmarks, aligner.framing.reference))
+        return self.prior_features(emotion, appearance_features(landmarks, framing.reference))
 
-    def _query_tools(self) -> tuple[FaceAligner, Any]:
+    def _network(self) -> tuple[FaceFraming, Any]:
+        """The framing and the emotion network (loaded once)."""
         if self.framing is None or self.network_path is None:
             raise FacedetailError("this dictionary has no face framing or emotion network: query it with features")
-        if self._aligner is None:
-            self._aligner = FaceAligner(self.framing)
+        if self._net is None:
             self._net, _ = load_network(self.network_path)
-        return self._aligner, self._net
+        return self.framing, self._net
+
+    def _query_tools(self) -> tuple[FaceAligner, Any]:
+        """The aligner (with its detector: photos whose faces are not found yet) and the emotion network."""
+        framing, net = self._network()
+        if self._aligner is None:
+            self._aligner = FaceAligner(framing)
+        return self._aligner, net

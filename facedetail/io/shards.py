@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from facedetail.errors import InterruptedRunError
+from facedetail.errors import InterruptedRunError, SourceFileError
 from facedetail.io.atomic import atomic_file, atomic_write_text, remove_temp_files
 from facedetail.io.hashing import canonical_json, sha256_file
 
@@ -52,8 +52,29 @@ def write_tar_shard(path: Path | str, samples: Iterable[dict[str, Any]]) -> Path
     return Path(path)
 
 
-def iter_tar_shard(path: Path | str) -> Iterator[dict[str, bytes]]:
-    """The samples of a shard in order: ``{"__key__": key, ext: bytes, ...}`` (WebDataset grouping)."""
+MAX_MEMBER_BYTES = 256 << 20
+"""Largest shard member the readers accept (4x a 4096² float32 map, 64 MiB, the largest a stage writes): a shard whose
+header claims more is refused before a byte of the member is read, so a 2 KB tar cannot make a reader
+allocate gigabytes."""
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path | str, max_bytes: int) -> bytes:
+    """A member's bytes, refused when sparse (the stages never write one) or larger than ``max_bytes``."""
+    remedy = "Shards are written by the stages: rebuild this one (`dvc repro`), or check where it came from"
+    if member.issparse():
+        raise SourceFileError(path, f"shard member {member.name!r} is a sparse file", remedy)
+    if member.size > max_bytes:
+        raise SourceFileError(path, f"shard member {member.name!r} is {member.size} bytes, over the "
+                                    f"{max_bytes}-byte member cap", remedy)
+    fh = tar.extractfile(member)
+    return b"" if fh is None else fh.read(max_bytes)
+
+
+def iter_tar_shard(path: Path | str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict[str, bytes]]:
+    """The samples of a shard in order: ``{"__key__": key, ext: bytes, ...}`` (WebDataset grouping).
+
+    Raises :class:`SourceFileError` for a sparse member or one over ``max_member_bytes``.
+    """
     current: dict[str, Any] | None = None
     with tarfile.open(path, "r|") as tar:
         for member in tar:
@@ -65,20 +86,24 @@ def iter_tar_shard(path: Path | str) -> Iterator[dict[str, bytes]]:
                 current = None
             if current is None:
                 current = {"__key__": key}
-            current[ext] = tar.extractfile(member).read()
+            current[ext] = _member_bytes(tar, member, path, max_member_bytes)
     if current is not None:
         yield current
 
 
-def read_tar_samples(path: Path | str, keys: Iterable[str]) -> list[dict[str, bytes]]:
-    """Only the samples with these keys, in shard order; seeks past the others without reading them."""
+def read_tar_samples(path: Path | str, keys: Iterable[str],
+                     max_member_bytes: int = MAX_MEMBER_BYTES) -> list[dict[str, bytes]]:
+    """Only the samples with these keys, in shard order; seeks past the others without reading them.
+
+    Raises :class:`SourceFileError` for a wanted member that is sparse or over ``max_member_bytes``.
+    """
     wanted = set(keys)
     samples: dict[str, dict[str, Any]] = {}
     with tarfile.open(path, "r:") as tar:
         for member in tar.getmembers():
             key, _, ext = member.name.partition(".")
             if key in wanted and member.isfile():
-                samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+                samples.setdefault(key, {"__key__": key})[ext] = _member_bytes(tar, member, path, max_member_bytes)
     return list(samples.values())
 
 

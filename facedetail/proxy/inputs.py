@@ -1,60 +1,82 @@
-"""In-the-wild inputs: listing photos (a folder or an AffectNet-style list) and loading them safely.
+"""In-the-wild inputs: listing photos (a folder or an AffectNet-style list), with a record of everything not taken.
 
-:func:`list_inputs` turns a folder (recursive) or a CSV/Parquet list into :class:`InputItem`
-rows with stable ids. :func:`load_photo` turns one file into RGB uint8 pixels or a
-:class:`LoadFailure` with a short, countable reason; it never raises for a bad file, so one
-broken photo among 163K never stops a run.
+:func:`scan_inputs` turns a folder (recursive) or a CSV/Parquet list into a :class:`Listing`:
+the :class:`InputItem` rows to process (stable ids), every entry of the folder it did not take
+(:class:`Skipped`: hidden, not an image by its extension, a special file, a symlink loop, ...) and
+every list row naming a file listed before (:class:`Duplicate`); :func:`content_duplicates` then
+takes out byte-identical files. Nothing a listing sees disappears without a row, so a run can
+state ``inputs = fitted + quarantined + skipped + duplicates``.
 
-What "safely" means here:
+File names are bytes on POSIX: a name that is not valid UTF-8 gets its id from those bytes and
+is shown (``relative``, every table) with the bytes escaped (``caf\\xe9.jpg``), while ``path``
+still opens the file. A list that is not UTF-8 is read the same way: each path cell's bytes are
+the file name, exactly as the file system holds it (no replacement character that would name a
+file that does not exist).
 
-* the file is read once; its bytes are hashed and decoded from memory (files above
-  :data:`READ_INTO_MEMORY_MAX` are stream-hashed and decoded from disk instead);
-* truncated data is an error (PIL's ``LOAD_TRUNCATED_IMAGES`` is forced off while decoding);
-* a huge image is never decoded at full resolution when the format can decode reduced
-  (JPEG: libjpeg's DCT scaling through :meth:`PIL.Image.Image.draft`, 1/2, 1/4 or 1/8);
-  any other format larger than ``max_pixels`` is refused from its header alone;
-* PIL's decompression-bomb limit is replaced by ``max_pixels`` for the duration of one decode
-  (set under a lock and restored afterwards; no global setting is changed for good);
-* only the formats a photo list plausibly holds are decoded (:data:`DECODED_FORMATS`): PIL's
-  other plugins include EPS, which would run Ghostscript on the file;
-* every mode becomes RGB uint8 with a note saying what was converted (16-bit by 1/257,
-  alpha composited on white, palette expanded, CMYK converted, grey expanded);
-* EXIF orientation is applied, and ``original_size`` is the size after it.
+Decoding lives in :mod:`facedetail.io.decode` (one decoder for every entry point); its API is
+re-exported here (:func:`load_photo`, :class:`LoadConfig`, the reason kinds and notes).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import errno
 import io
 import os
 import re
 import stat
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
-from pydantic import Field, model_validator
 
-from facedetail.config import Config
 from facedetail.errors import SourceFileError
-from facedetail.io.hashing import sha256_bytes, sha256_file
+from facedetail.io.decode import (
+    ALPHA_BACKGROUND,
+    ALPHA_COMPOSITED,
+    BILEVEL_EXPANDED,
+    CMYK_CONVERTED,
+    CORRUPT,
+    DECODED_FORMATS,
+    DOWNSCALED,
+    EMPTY,
+    FILE_TOO_LARGE,
+    GREY_EXPANDED,
+    IMAGE_EXTENSIONS,
+    NO_SUCH_FILE,
+    NOT_A_FILE,
+    NOT_AN_IMAGE,
+    OPAQUE_ALPHA_DROPPED,
+    PALETTE_EXPANDED,
+    SIXTEEN_BIT,
+    SYMLINK_LOOP,
+    TOO_LARGE,
+    TOO_SMALL,
+    TRUNCATED,
+    UNREADABLE,
+    UNSUPPORTED_FORMAT,
+    UNSUPPORTED_MODE,
+    LoadConfig,
+    LoadedPhoto,
+    LoadFailure,
+    decode_photo,
+    file_type,
+    hash_file,
+    load_photo,
+)
+from facedetail.io.hashing import sha256_bytes
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-"""Extensions a folder listing picks up (case-insensitive); the same as
-:data:`facedetail.features.datasets.IMAGE_EXTENSIONS`, repeated so that listing photos does not
-import the emotion network (torch)."""
-DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-"""PIL formats :func:`load_photo` decodes, whatever the extension says (a PNG named ``.jpg`` is
-fine). PIL's JPEG opener also returns MPO images, which is what many cameras' JPEGs are."""
-READ_INTO_MEMORY_MAX = 512 << 20
-"""Files up to this size are read once into memory (hashed and decoded from the same bytes)."""
-ALPHA_BACKGROUND = (255, 255, 255)
-"""Transparent pixels are composited on white: what a browser or photo viewer shows."""
+__all__ = [
+    "ALPHA_BACKGROUND", "ALPHA_COMPOSITED", "BILEVEL_EXPANDED", "CMYK_CONVERTED", "CORRUPT", "DECODED_FORMATS",
+    "DOWNSCALED", "EMPTY", "FILE_TOO_LARGE", "GREY_EXPANDED", "IMAGE_EXTENSIONS", "NOT_AN_IMAGE", "NOT_A_FILE",
+    "NO_SUCH_FILE", "OPAQUE_ALPHA_DROPPED", "PALETTE_EXPANDED", "SIXTEEN_BIT", "SYMLINK_LOOP", "TOO_LARGE",
+    "TOO_SMALL", "TRUNCATED", "UNREADABLE", "UNSUPPORTED_FORMAT", "UNSUPPORTED_MODE", "Duplicate", "InputItem",
+    "Listing", "LoadConfig", "LoadFailure", "LoadedPhoto", "OutsideSymlinks", "Skipped", "content_duplicates",
+    "decode_photo", "display_name", "file_hashes", "item_id", "list_inputs", "load_photo", "scan_inputs",
+]
+
 PATH_COLUMNS = ("path", "subDirectory_filePath")
 """Path column of a list, in order of preference (the second is AffectNet's)."""
 LABEL_COLUMNS = ("label", "expression")
@@ -63,47 +85,26 @@ XYWH_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
 """AffectNet's face box: left, top, width, height in original pixels."""
 LTRB_COLUMNS = ("left", "top", "right", "bottom")
 
-# Reason kinds: the text before the first ":" (or " (") of a LoadFailure's reason.
-NO_SUCH_FILE = "no such file"
-NOT_A_FILE = "not a file"
-UNREADABLE = "unreadable file"
-EMPTY = "empty file"
-NOT_AN_IMAGE = "not an image"
-TRUNCATED = "truncated image"
-CORRUPT = "corrupt image"
-TOO_LARGE = "image too large"
-TOO_SMALL = "image too small"
-UNSUPPORTED_MODE = "unsupported image mode"
+OutsideSymlinks = Literal["follow", "refuse"]
+"""What a folder listing does with a symlink whose target lies outside the folder."""
 
-# Notes on what was converted.
-GREY_EXPANDED = "grayscale expanded to RGB"
-BILEVEL_EXPANDED = "1-bit expanded to RGB"
-ALPHA_COMPOSITED = "alpha composited on white"
-OPAQUE_ALPHA_DROPPED = "opaque alpha dropped"
-PALETTE_EXPANDED = "palette expanded"
-CMYK_CONVERTED = "CMYK converted to RGB"
-SIXTEEN_BIT = "16-bit scaled to 8-bit"
-DOWNSCALED = "downscaled"
+# Skip and duplicate reason kinds (text before the first ":" or " (").
+HIDDEN_FILE = "hidden file"
+HIDDEN_FOLDER = "hidden folder"
+NO_EXTENSION = "no file extension"
+NOT_IMAGE_EXTENSION = "extension not an image"
+SPECIAL_FILE = "special file"
+BROKEN_SYMLINK = "broken symlink"
+FOLDER_SYMLINK = "folder symlink"
+OUTSIDE_SYMLINK = "symlink leaves the input folder"
+UNREADABLE_FOLDER = "unreadable folder"
+SAME_FILE = "same file"
+SAME_CONTENT = "same content"
+NOT_UTF8 = "file name is not valid UTF-8 (shown with its bytes escaped)"
 
 _ID_SLUG_MAX = 48
 _ID_HASH_HEX = 12
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9]+")
-# EXIF orientation -> the transpose that makes the image upright (as PIL's ImageOps.exif_transpose).
-_ORIENTATION = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-_EXIF_ORIENTATION_TAG = 0x0112
-_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"), (b"GIF8", "GIF"),
-               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
-_TRUNCATION_WORDS = ("truncated", "premature end", "broken data stream", "end of file", "unexpected end")
-# PIL's decompression-bomb limit and truncated-image switch are module globals; one decode at a
-# time changes them (and puts them back), so two threads never see each other's settings.
-_PIL_SETTINGS = threading.Lock()
-
-
-# --- listing ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -114,43 +115,112 @@ class InputItem:
     """Stable, unique and filesystem-safe: ``<slug>-<hash>``, where the slug is the relative path
     with every run of characters other than ``[A-Za-z0-9]`` replaced by ``-`` (at most 48 characters,
     kept from the end, where file names differ) and the hash is the first 12 hex digits of the SHA256
-    of ``relative``. The same relative path always gives the same id, on any machine."""
+    of the relative path's bytes. The same relative path always gives the same id, on any machine."""
     path: Path
-    """Absolute path of the file."""
+    """Absolute path of the file (lexical: ``..`` folded, symlinks kept, so that its name is the listed one)."""
     relative: str
-    """POSIX path relative to the source folder (folders), or as written in the list (lists)."""
+    """POSIX path relative to the source folder (folders), or as written in the list (lists); bytes that
+    are not UTF-8 are escaped (``\\xe9``), so it is always valid text (see :func:`display_name`)."""
     box: tuple[float, float, float, float] | None = None
     """Face box from the list: (left, top, right, bottom) in original pixels; None when not given."""
     label: str | None = None
     """Label from the list, kept as written (AffectNet's expression ids stay ``"0"``..``"10"``)."""
+    note: str | None = None
+    """What the listing noticed (a name that is not UTF-8, a symlink out of the folder followed); None if nothing."""
+    row: int | None = None
+    """Row of the list (1 = the first after the header); None for a folder."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An entry of a folder that the listing did not take."""
+
+    path: str
+    """Relative to the folder, as :attr:`InputItem.relative`; a folder ends with ``/``."""
+    reason: str
+    """Starts with a kind (``hidden file``, ``extension not an image``, ``special file``, ``symlink loop``...)."""
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """A listed file that is not processed because another listed one is the same file or has the same bytes."""
+
+    path: str
+    row: int | None
+    """Its list row (None for a folder's file)."""
+    duplicate_of: str
+    """The id of the item that is processed instead."""
+    reason: str
+    """``same file as <path> (row n)`` (lists: the same file under another spelling) or ``same content as <path>``."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a folder or list holds: the items to process and a row for everything else."""
+
+    items: list[InputItem]
+    skipped: list[Skipped] = field(default_factory=list)
+    duplicates: list[Duplicate] = field(default_factory=list)
+
+    @property
+    def entries(self) -> int:
+        """Every entry seen: items, skipped entries and duplicates."""
+        return len(self.items) + len(self.skipped) + len(self.duplicates)
+
+
+def display_name(name: str) -> str:
+    """``name`` as valid text: bytes that were not UTF-8 (surrogate escapes) shown as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def item_id(relative: str) -> str:
-    """The id of an input listed as ``relative`` (see :attr:`InputItem.id`)."""
+    """The id of an input listed as ``relative`` (see :attr:`InputItem.id`); the hash is of its raw bytes."""
     slug = _SLUG_UNSAFE.sub("-", relative).strip("-")[-_ID_SLUG_MAX:].strip("-") or "input"
-    return f"{slug}-{sha256_bytes(relative.encode('utf-8'))[:_ID_HASH_HEX]}"
+    return f"{slug}-{sha256_bytes(relative.encode('utf-8', 'surrogateescape'))[:_ID_HASH_HEX]}"
+
+
+def _item(rel: str, path: Path, note: str | None = None, **values: Any) -> InputItem:
+    shown = display_name(rel)
+    if shown != rel:
+        note = "; ".join(n for n in (NOT_UTF8, note) if n)
+    return InputItem(item_id(rel), path, shown, note=note, **values)
 
 
 def list_inputs(source: Path, root: Path | None = None) -> list[InputItem]:
+    """The items of :func:`scan_inputs` (what is skipped or duplicated is left out: use that for a run)."""
+    return scan_inputs(source, root).items
+
+
+def scan_inputs(source: Path, root: Path | None = None, outside_symlinks: OutsideSymlinks = "follow") -> Listing:
     """The photos of a folder (recursive) or of a ``.csv`` / ``.parquet`` list, in a fixed order.
 
-    Folder: files with an extension in :data:`IMAGE_EXTENSIONS` (any case), hidden files and
-    folders (name starting with ``.``) skipped, sorted by relative path; ``root`` must be None.
+    Folder: files with an extension in :data:`IMAGE_EXTENSIONS` (any case), sorted by the bytes of
+    their relative path; ``root`` must be None. Skipped, each with a row: hidden files and folders
+    (name starting with ``.``; a hidden folder is one row, never entered), other extensions, files
+    without one, special files (FIFO, socket, device), broken symlinks and symlink loops, unreadable
+    folders, symlinked folders whose target is inside the folder (its files are listed where they
+    lie), and, with ``outside_symlinks="refuse"``, every symlink whose target lies outside the folder
+    (``"follow"``, the default, takes them with a note: DVC's symlink cache links every tracked file
+    out of its folder).
+
     List: one row per photo, in the list's order; the path column is ``path`` or AffectNet's
     ``subDirectory_filePath``; an optional box is ``face_x, face_y, face_width, face_height``
     (AffectNet) or ``left, top, right, bottom`` (all four cells empty: no box); an optional label
     is ``label`` or ``expression``. Relative paths resolve against ``root`` (default: the list's
     folder). Listed files are kept whatever their extension: the loader reports what is wrong
-    with them. A malformed list (no path column, an empty path, the same path twice, a box cell
-    that is not a number, a box of non-positive size) raises :class:`SourceFileError`.
+    with them. A row naming a file listed before (the same path, or another spelling of it:
+    ``./a.jpg``, ``../list/a.jpg``, a symlink) is a :class:`Duplicate`. A malformed list (no path
+    column, an empty path, a box cell that is not a number, a box of non-positive size, a line the
+    CSV reader cannot parse) raises :class:`SourceFileError` naming the row.
     """
     source = Path(source)
     if source.is_dir():
         if root is not None:
             raise ValueError("root applies to lists only; a folder's paths are relative to the folder")
-        return _list_folder(source)
+        return _FolderWalk(source, outside_symlinks).run()
     if not source.is_file():
-        raise SourceFileError(source, "input folder or list not found", "Check the input path in params.yaml")
+        raise SourceFileError(display_name(str(source)), "input folder or list not found",
+                              "Check the input path in params.yaml")
     suffix = source.suffix.lower()
     if suffix == ".csv":
         columns, rows = _read_csv(source)
@@ -162,24 +232,119 @@ def list_inputs(source: Path, root: Path | None = None) -> list[InputItem]:
     return _list_rows(source, Path(root) if root is not None else source.parent, columns, rows)
 
 
-def _list_folder(folder: Path) -> list[InputItem]:
-    found = []
-    # os.walk rather than rglob: it does not follow symlinked folders (no cycles) and lets hidden
-    # folders be pruned before they are entered.
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath, name).relative_to(folder).as_posix())
-    base = Path(os.path.abspath(folder))
-    return [InputItem(item_id(rel), base / rel, rel) for rel in sorted(found)]
+class _FolderWalk:
+    """A recursive listing of one folder with a :class:`Skipped` row for every entry not taken.
+
+    os.scandir rather than rglob/os.walk: each entry's type is known without following links, so a
+    symlink loop, a FIFO or an unreadable folder becomes a row instead of an exception or a hang.
+    """
+
+    def __init__(self, folder: Path, outside: OutsideSymlinks) -> None:
+        self.base = Path(os.path.abspath(folder))
+        self.real = os.path.realpath(self.base)
+        self.outside = outside
+        self.found: list[tuple[str, str | None]] = []
+        self.skipped: list[Skipped] = []
+        self.seen: set[tuple[int, int]] = set()
+
+    def run(self) -> Listing:
+        st = os.stat(self.base)
+        self.seen.add((st.st_dev, st.st_ino))
+        self._walk(self.base, "", None)
+        order = sorted(self.found, key=lambda f: f[0].encode("utf-8", "surrogateescape"))
+        items = [_item(rel, self.base / rel, note) for rel, note in order]
+        skipped = sorted(self.skipped, key=lambda s: s.path.encode("utf-8", "surrogateescape"))
+        return Listing(items, skipped)
+
+    def _skip(self, rel: str, reason: str) -> None:
+        self.skipped.append(Skipped(display_name(rel), reason))
+
+    def _inside(self, target: str) -> bool:
+        return target == self.real or target.startswith(self.real.rstrip(os.sep) + os.sep)
+
+    def _walk(self, folder: Path, prefix: str, note: str | None) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        except OSError as err:
+            self._skip(prefix or "./", f"{UNREADABLE_FOLDER}: {err.strerror or err}")
+            return
+        for entry in entries:
+            self._entry(entry, prefix + entry.name, note)
+
+    def _entry(self, entry: os.DirEntry[str], rel: str, note: str | None) -> None:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as err:
+            self._skip(rel, f"{UNREADABLE}: {err.strerror or err}")
+            return
+        link = stat.S_ISLNK(st.st_mode)
+        if entry.name.startswith("."):
+            if not link and stat.S_ISDIR(st.st_mode):
+                self._skip(rel + "/", f"{HIDDEN_FOLDER} (not searched)")
+            else:
+                self._skip(rel, HIDDEN_FILE)
+            return
+        if link:
+            try:
+                st = os.stat(entry.path)
+            except OSError as err:
+                self._skip(rel, SYMLINK_LOOP if err.errno == errno.ELOOP else (
+                    BROKEN_SYMLINK if err.errno == errno.ENOENT else f"{UNREADABLE}: {err.strerror or err}"))
+                return
+            inside = self._inside(os.path.realpath(entry.path))
+            if stat.S_ISDIR(st.st_mode):
+                self._folder_link(entry, rel, st, inside)
+                return
+            if not inside:
+                if self.outside == "refuse":
+                    self._skip(rel, f"{OUTSIDE_SYMLINK} (refused: outside_symlinks is refuse)")
+                    return
+                note = note or f"{OUTSIDE_SYMLINK} (followed)"
+        if stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in self.seen:  # a bind mount of a folder above: listed once
+                self._skip(rel + "/", f"{SYMLINK_LOOP}: folder already listed")
+                return
+            self.seen.add((st.st_dev, st.st_ino))
+            self._walk(Path(entry.path), rel + "/", note)
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self._skip(rel, f"{SPECIAL_FILE} ({file_type(st.st_mode)}{', via a symlink' if link else ''})")
+            return
+        ext = os.path.splitext(entry.name)[1].lower()
+        if not ext:
+            self._skip(rel, NO_EXTENSION)
+        elif ext not in IMAGE_EXTENSIONS:
+            self._skip(rel, f"{NOT_IMAGE_EXTENSION} ({display_name(ext)})")
+        else:
+            self.found.append((rel, note))
+
+    def _folder_link(self, entry: os.DirEntry[str], rel: str, st: os.stat_result, inside: bool) -> None:
+        if inside:
+            self._skip(rel + "/", f"{FOLDER_SYMLINK} into the input folder (not followed: its files are listed "
+                                  "where they lie)")
+        elif self.outside == "refuse":
+            self._skip(rel + "/", f"{FOLDER_SYMLINK}: {OUTSIDE_SYMLINK} (refused: outside_symlinks is refuse)")
+        elif (st.st_dev, st.st_ino) in self.seen:
+            self._skip(rel + "/", f"{SYMLINK_LOOP}: folder already listed")
+        else:
+            self.seen.add((st.st_dev, st.st_ino))
+            self._walk(Path(entry.path), rel + "/", f"in a {FOLDER_SYMLINK} that leaves the input folder (followed)")
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+    """Header and rows of a CSV list; the bytes of a cell that are not UTF-8 are kept (surrogate escapes)."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SourceFileError(path, "the list is UTF-16 text", "Save it as UTF-8 CSV")
+    text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)  # strict: a stray quote is an error
+    try:
         rows = list(reader)
-        return list(reader.fieldnames or []), rows
+    except csv.Error as err:
+        raise SourceFileError(path, f"line {reader.line_num}: not readable as CSV ({err})",
+                              "Fix that line (a list is UTF-8 CSV with a header row)") from None
+    return list(reader.fieldnames or []), rows
 
 
 def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
@@ -189,29 +354,69 @@ def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     return list(table.column_names), table.to_pylist()
 
 
-def _list_rows(source: Path, root: Path, columns: list[str], rows: list[dict[str, Any]]) -> list[InputItem]:
+def _list_rows(source: Path, root: Path, columns: list[str], rows: list[dict[str, Any]]) -> Listing:
     path_col = next((c for c in PATH_COLUMNS if c in columns), None)
     if path_col is None:
-        raise SourceFileError(source, f"no path column (columns: {', '.join(columns) or 'none'})",
+        shown = ", ".join(display_name(c) for c in columns) or "none"
+        raise SourceFileError(source, f"no path column (columns: {shown})",
                               "Name it `path` (AffectNet's `subDirectory_filePath` also works)")
     label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
     box_cols = _box_columns(source, columns)
     base = Path(os.path.abspath(root))
-    items, seen = [], {}
+    items, duplicates, seen = [], [], {}
     for n, row in enumerate(rows, start=1):
         where = f"row {n}"
         rel = _cell_text(row.get(path_col))
         if rel is None:
             raise SourceFileError(source, f"{where}: empty {path_col}", "Every row needs a file path")
         rel = rel.replace("\\", "/")
-        if rel in seen:
-            raise SourceFileError(source, f"{where}: {rel} is listed twice (first in row {seen[rel]})",
-                                  "List each photo once")
-        seen[rel] = n
+        if "\x00" in rel:  # no file name holds a NUL: the list is not text (a UTF-16 or binary file)
+            raise SourceFileError(source, f"{where}: the path holds a NUL byte", "Save the list as UTF-8 CSV")
+        path = Path(os.path.abspath(base / rel))
         box = _box(source, where, row, box_cols) if box_cols else None
         label = _cell_text(row.get(label_col)) if label_col else None
-        items.append(InputItem(item_id(rel), Path(os.path.abspath(base / rel)), rel, box, label))
-    return items
+        same = os.path.realpath(path)
+        first = seen.get(same)
+        if first is not None:
+            duplicates.append(Duplicate(display_name(rel), n, first.id, f"{SAME_FILE} as {first.relative} "
+                                                                        f"(row {first.row})"))
+            continue
+        item = _item(rel, path, None, box=box, label=None if label is None else display_name(label), row=n)
+        seen[same] = item
+        items.append(item)
+    return Listing(items, [], duplicates)
+
+
+def content_duplicates(listing: Listing, hash_of: Callable[[InputItem], str | None]) -> Listing:
+    """``listing`` with every item whose bytes equal an earlier item's moved to its duplicates.
+
+    ``hash_of`` gives an item's content SHA256, or None when it cannot be read (the item is kept: the
+    loader will say why). The first item in listing order is the one processed.
+    """
+    kept, duplicates, first = [], list(listing.duplicates), {}
+    for item in listing.items:
+        digest = hash_of(item)
+        if digest is not None and digest in first:
+            original = first[digest]
+            duplicates.append(Duplicate(item.relative, item.row, original.id,
+                                        f"{SAME_CONTENT} as {original.relative}"))
+            continue
+        if digest is not None:
+            first[digest] = item
+        kept.append(item)
+    return replace(listing, items=kept, duplicates=duplicates)
+
+
+def file_hashes(items: Sequence[InputItem], known: Mapping[Path, str], max_bytes: int) -> dict[str, str | None]:
+    """Content SHA256 of each item by id: from ``known`` (e.g. hashed at lineage start), else read here."""
+    out: dict[str, str | None] = {}
+    for item in items:
+        digest = known.get(item.path)
+        if digest is None:
+            got = hash_file(item.path, max_bytes)
+            digest = None if isinstance(got, LoadFailure) else got
+        out[item.id] = digest
+    return out
 
 
 def _box_columns(source: Path, columns: list[str]) -> tuple[str, tuple[str, ...]] | None:
@@ -235,7 +440,8 @@ def _box(source: Path, where: str, row: dict[str, Any],
     try:
         values = [float(c) for c in cells]  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise SourceFileError(source, f"{where}: face box {dict(zip(names, cells, strict=True))} is not four numbers",
+        shown = {k: None if v is None else display_name(v) for k, v in zip(names, cells, strict=True)}
+        raise SourceFileError(source, f"{where}: face box {shown} is not four numbers",
                               "Fill all four box cells with numbers, or leave all four empty") from None
     if not all(np.isfinite(values)):
         raise SourceFileError(source, f"{where}: face box has a non-finite value", "Fix or empty the box cells")
@@ -248,343 +454,10 @@ def _box(source: Path, where: str, row: dict[str, Any],
 
 
 def _cell_text(value: Any) -> str | None:
-    """A list cell as text; None for empty cells (CSV ``""``, Parquet null or NaN)."""
+    """A list cell as text; None for empty cells (CSV ``""``, Parquet null or NaN); bytes keep their bytes."""
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
     text = str(value).strip()
     return text or None
-
-
-# --- loading ------------------------------------------------------------------------------------
-
-
-class LoadConfig(Config):
-    """How photos are decoded."""
-
-    max_side: int = Field(1024, ge=32)
-    """Longer side of the loaded pixels at most this: larger photos are downscaled while decoding
-    (fitting runs at 256 px later and detection downscales further, so more is wasted memory)."""
-    max_pixels: int = Field(200_000_000, ge=1)
-    """Refuse an image whose decoded pixel count would exceed this (read from its header, before any
-    decoding). A JPEG counts at the reduced size it can be decoded at (1/8 at most), so a 12000x12000
-    JPEG is loaded while a 20000x20000 PNG is refused."""
-    min_side: int = Field(32, ge=1)
-    """Refuse an image whose shorter side is below this, in original pixels or after downscaling to
-    ``max_side`` (a thin panorama): no face can be found in it."""
-
-    @model_validator(mode="after")
-    def _consistent(self) -> LoadConfig:
-        if self.min_side > self.max_side:
-            raise ValueError("min_side must not exceed max_side")
-        return self
-
-
-@dataclass(frozen=True)
-class LoadedPhoto:
-    """A decoded photo."""
-
-    rgb: np.ndarray
-    """(H, W, 3) uint8 RGB, upright (EXIF orientation applied), longer side at most ``max_side``."""
-    scale: float
-    """``rgb`` size over ``original_size``: a point at original pixel ``p`` is at ``(p + 0.5) * scale -
-    0.5`` in ``rgb`` (pixel centres at integers, image edges aligned). Exact along the longer side;
-    along the shorter one the size was rounded to whole pixels (off by less than half a pixel)."""
-    original_size: tuple[int, int]
-    """(W, H) of the full-resolution image after EXIF orientation."""
-    sha256: str
-    """SHA256 of the file's bytes."""
-    source_mode: str
-    """PIL mode of the file before conversion (``RGB``, ``L``, ``RGBA``, ``P``, ``CMYK``, ``I;16``...)."""
-    notes: tuple[str, ...]
-    """What was done to get RGB uint8, e.g. ``grayscale expanded to RGB``, ``downscaled 12000x12000 ->
-    1024x1024``, ``EXIF orientation 6 applied``; empty for an upright 8-bit RGB photo of allowed size."""
-    format: str = ""
-    """The format PIL decoded (``JPEG``, ``PNG``...), whatever the file's extension."""
-
-
-@dataclass(frozen=True)
-class LoadFailure:
-    """Why a file could not be loaded."""
-
-    reason: str
-    """Starts with a kind (one of the module's reason constants), then specifics after ``:`` or ``(``,
-    e.g. ``empty file (0 bytes)``, ``truncated image: JPEG data ends early (image file is truncated)``."""
-
-    @property
-    def kind(self) -> str:
-        """The countable part of the reason (``empty file``, ``truncated image``, ...)."""
-        return self.reason.split(":")[0].split(" (")[0]
-
-
-def load_photo(path: Path, config: LoadConfig | None = None) -> LoadedPhoto | LoadFailure:
-    """Decode one photo to RGB uint8 (see the module docstring); never raises for a bad file."""
-    config = config or LoadConfig()
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return LoadFailure(NO_SUCH_FILE)
-    except OSError as err:
-        return LoadFailure(f"{UNREADABLE}: {err.strerror or err}")
-    if not stat.S_ISREG(st.st_mode):
-        return LoadFailure(f"{NOT_A_FILE}: {'a folder' if stat.S_ISDIR(st.st_mode) else 'a special file'}")
-    if st.st_size == 0:
-        return LoadFailure(f"{EMPTY} (0 bytes)")
-    big = st.st_size > READ_INTO_MEMORY_MAX
-    try:
-        if big:  # hash in a stream and let PIL read the file: never the whole file in memory
-            digest = sha256_file(path)
-            with path.open("rb") as fh:
-                head = fh.read(512)
-        else:
-            data = path.read_bytes()
-            digest, head = sha256_bytes(data), data[:512]
-    except OSError as err:
-        return LoadFailure(f"{UNREADABLE}: {err.strerror or err}")
-    with _decode_settings():
-        if not big:
-            return _decode(io.BytesIO(data), path, digest, head, config)
-        try:
-            fh = path.open("rb")
-        except OSError as err:
-            return LoadFailure(f"{UNREADABLE}: {err.strerror or err}")
-        with fh:
-            return _decode(fh, path, digest, head, config)
-
-
-@contextlib.contextmanager
-def _decode_settings() -> Iterator[None]:
-    """PIL's bomb limit off (``max_pixels`` is checked instead) and truncated images refused, for one decode."""
-    with _PIL_SETTINGS:
-        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
-
-
-def _decode(fp: BinaryIO, path: Path, digest: str, head: bytes, config: LoadConfig) -> LoadedPhoto | LoadFailure:
-    ext = path.suffix.lower() or "extensionless"
-    try:
-        img = Image.open(fp, formats=DECODED_FORMATS)
-    except UnidentifiedImageError:
-        known = _signature(head)
-        if known:  # the header of a known format, which PIL could not parse: cut short or damaged
-            return LoadFailure(f"{CORRUPT}: {known} header unreadable")
-        return LoadFailure(f"{NOT_AN_IMAGE}: {ext} file is not decodable ({_describe(head)})")
-    except Exception as err:  # PIL's plugins raise many types on damaged headers
-        return _decode_error(_signature(head) or "image", err)
-    with img:
-        return _convert(img, digest, config)
-
-
-def _convert(img: Image.Image, digest: str, config: LoadConfig) -> LoadedPhoto | LoadFailure:
-    """Size checks, reduced decoding, mode conversion, downscaling and orientation of an opened image."""
-    fmt, mode = img.format or "image", img.mode
-    notes: list[str] = []
-    raw_w, raw_h = img.size
-    header_orientation = _orientation(img)  # a PNG's eXIf chunk may come after the pixels: re-read after load
-    shown = "x".join(map(str, _oriented((raw_w, raw_h), header_orientation)))
-    if min(raw_w, raw_h) < config.min_side:
-        return LoadFailure(f"{TOO_SMALL}: {shown} below min_side {config.min_side}")
-    scale = min(1.0, config.max_side / max(raw_w, raw_h))
-    target = (max(1, round(raw_w * scale)), max(1, round(raw_h * scale)))
-    if min(target) < config.min_side:
-        small = "x".join(map(str, _oriented(target, header_orientation)))
-        return LoadFailure(f"{TOO_SMALL}: {shown} is {small} at max_side {config.max_side}, "
-                           f"below min_side {config.min_side}")
-    box = None
-    if scale < 1.0 and fmt in ("JPEG", "MPO"):
-        # libjpeg decodes at 1/2, 1/4 or 1/8 straight from the DCT coefficients: the largest
-        # reduction still at least ``target`` is used, and full resolution is never in memory.
-        drafted = img.draft(None, target)
-        if drafted is not None and img.size != (raw_w, raw_h):
-            box = drafted[1]
-            notes.append(f"{fmt} decoded at 1/{round(raw_w / box[2])}")
-    if img.size[0] * img.size[1] > config.max_pixels:
-        at = "" if img.size == (raw_w, raw_h) else f" (even decoded reduced to {img.size[0]}x{img.size[1]})"
-        return LoadFailure(f"{TOO_LARGE}: {shown} exceeds max_pixels {config.max_pixels}{at}")
-    rawmode = _rawmode(img)
-    try:
-        img.load()
-    except MemoryError:
-        return LoadFailure(f"{TOO_LARGE}: {shown} ran out of memory while decoding")
-    except Exception as err:  # decoders raise OSError mostly, but not only
-        return _decode_error(fmt, err)
-    orientation = _orientation(img, notes)
-    size = _oriented((raw_w, raw_h), orientation)
-    shown = f"{size[0]}x{size[1]}"
-    if getattr(img, "n_frames", 1) > 1 and fmt != "MPO":  # MPO's first frame is the photo itself
-        notes.append(f"first of {img.n_frames} frames")
-    try:
-        rgb = _to_rgb(img, mode, rawmode, notes)
-    except _UnsupportedModeError as err:
-        return LoadFailure(f"{UNSUPPORTED_MODE}: {err}")
-    except (OSError, ValueError) as err:  # PIL's convert on a mode it cannot map
-        return LoadFailure(f"{UNSUPPORTED_MODE}: {mode} ({' '.join(str(err).split())})")
-    if scale < 1.0:
-        if rgb.size != target:
-            rgb = rgb.resize(target, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-        notes.append(f"{DOWNSCALED} {shown} -> {'x'.join(map(str, _oriented(target, orientation)))}")
-    if orientation in _ORIENTATION:
-        rgb = rgb.transpose(_ORIENTATION[orientation])
-        notes.append(f"EXIF orientation {orientation} applied")
-    pixels = np.asarray(rgb, dtype=np.uint8)
-    if pixels.ndim != 3 or pixels.shape[2] != 3:  # a conversion path above is wrong: say so, do not guess
-        return LoadFailure(f"{UNSUPPORTED_MODE}: {mode} converted to shape {pixels.shape}")
-    return LoadedPhoto(np.ascontiguousarray(pixels), scale, size, digest, mode, tuple(notes), fmt)
-
-
-class _UnsupportedModeError(Exception):
-    """A PIL mode this loader does not know how to turn into RGB."""
-
-
-def _to_rgb(img: Image.Image, mode: str, rawmode: str, notes: list[str]) -> Image.Image:
-    """The loaded image as an RGB PIL image; ``notes`` gets what was converted."""
-    if mode == "RGB":
-        if ";16" in rawmode:  # 16-bit colour PNG: PIL's unpacker keeps the high byte, within 1 level of /257
-            notes.append(SIXTEEN_BIT)
-        return img
-    if mode == "1":
-        notes.append(BILEVEL_EXPANDED)
-        return img.convert("L").convert("RGB")
-    if mode == "L":
-        notes.append(GREY_EXPANDED)
-        return img.convert("RGB")
-    if mode in ("P", "PA"):
-        notes.append(PALETTE_EXPANDED)
-        has_alpha = mode == "PA" or img.has_transparency_data
-        return _composite(img.convert("RGBA"), notes) if has_alpha else img.convert("RGB")
-    if mode in ("RGBA", "RGBa", "LA", "La"):
-        if mode[0] == "L":
-            notes.append(GREY_EXPANDED)
-        if ";16" in rawmode:
-            notes.append(SIXTEEN_BIT)
-        return _composite(img.convert("RGBA"), notes)
-    if mode == "CMYK":
-        notes.append(CMYK_CONVERTED)
-        return img.convert("RGB")
-    if mode in ("YCbCr", "LAB", "HSV", "RGBX"):
-        notes.append(f"{mode} converted to RGB")
-        return img.convert("RGB")
-    if mode.startswith("I;16") or mode == "I":
-        values = np.asarray(img).astype(np.int64)
-        lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
-        if mode == "I" and (lo < 0 or hi > 65535):
-            notes.append(f"32-bit integer range [{lo}, {hi}] rescaled to 8-bit")
-            grey = _rescale(values.astype(np.float64), lo, hi)
-        else:
-            # 16-bit: 65535 / 257 = 255 exactly, so the full range maps onto the full range.
-            notes.append(SIXTEEN_BIT)
-            grey = np.round(values / 257.0).astype(np.uint8)
-        notes.append(GREY_EXPANDED)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if mode == "F":
-        values = np.asarray(img, dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise _UnsupportedModeError("F (32-bit float) with non-finite pixels")
-        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        if lo >= 0.0 and hi <= 1.0:
-            notes.append("float [0, 1] scaled to 8-bit")
-            grey = np.round(values * 255.0).astype(np.uint8)
-        else:
-            notes.append(f"float range [{lo:g}, {hi:g}] rescaled to 8-bit")
-            grey = _rescale(values, lo, hi)
-        notes.append(GREY_EXPANDED)
-        return Image.fromarray(grey, "L").convert("RGB")
-    raise _UnsupportedModeError(mode)
-
-
-def _composite(rgba: Image.Image, notes: list[str]) -> Image.Image:
-    """RGBA over :data:`ALPHA_BACKGROUND`, in float (PIL's own alpha_composite rounds per step)."""
-    pixels = np.asarray(rgba, dtype=np.float32)
-    alpha = pixels[..., 3:4] / 255.0
-    if bool((alpha == 1.0).all()):
-        notes.append(OPAQUE_ALPHA_DROPPED)
-        return rgba.convert("RGB")
-    notes.append(ALPHA_COMPOSITED)
-    out = pixels[..., :3] * alpha + np.float32(ALPHA_BACKGROUND) * (1.0 - alpha)
-    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8), "RGB")
-
-
-def _rescale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    span = hi - lo
-    scaled = (values - lo) / span * 255.0 if span > 0 else np.zeros_like(values)
-    return np.round(scaled).astype(np.uint8)
-
-
-def _orientation(img: Image.Image, notes: list[str] | None = None) -> int:
-    """EXIF orientation (1 when absent); an unreadable or invalid tag is noted (when ``notes`` is given) and ignored.
-
-    Read from the EXIF block PIL found while opening (``info["exif"]``), never through
-    ``getexif()`` on a PNG, which decodes the whole image to look for a late eXIf chunk.
-    After :meth:`~PIL.Image.Image.load`, ``info`` holds a late chunk too.
-    """
-    try:
-        if img.format == "TIFF":  # TIFF tags are the EXIF; reading them decodes nothing
-            value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-        else:
-            raw = img.info.get("exif")
-            if not raw:
-                return 1
-            exif = Image.Exif()
-            exif.load(raw)
-            value = exif.get(_EXIF_ORIENTATION_TAG, 1)
-    except Exception as err:  # EXIF parsers raise many types on damaged blocks
-        if notes is not None:
-            notes.append(f"EXIF unreadable ({type(err).__name__}), orientation ignored")
-        return 1
-    try:
-        value = int(value)
-    except (TypeError, ValueError):
-        value = -1
-    if value != 1 and value not in _ORIENTATION:
-        if notes is not None:
-            notes.append(f"EXIF orientation {value} invalid, ignored")
-        return 1
-    return value
-
-
-def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
-    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
-
-
-def _rawmode(img: Image.Image) -> str:
-    """The decoder's raw mode (``RGB;16B`` for a 16-bit colour PNG), before loading."""
-    tile = getattr(img, "tile", None) or []
-    args = tile[0][3] if tile and len(tile[0]) > 3 else None
-    raw = args[0] if isinstance(args, tuple) and args else args
-    return raw if isinstance(raw, str) else ""
-
-
-def _decode_error(fmt: str, err: BaseException) -> LoadFailure:
-    message = " ".join(str(err).split()) or type(err).__name__
-    if not isinstance(err, OSError | SyntaxError | EOFError):  # say which error: it is an unusual one
-        message = f"{type(err).__name__}: {message}"
-    if isinstance(err, Image.DecompressionBombError):
-        return LoadFailure(f"{TOO_LARGE}: {message}")
-    if isinstance(err, EOFError) or any(w in message.lower() for w in _TRUNCATION_WORDS):
-        return LoadFailure(f"{TRUNCATED}: {fmt} data ends early ({message})")
-    return LoadFailure(f"{CORRUPT}: {fmt} data does not decode ({message})")
-
-
-def _signature(head: bytes) -> str | None:
-    """The format whose magic bytes start the file, if any."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
-
-
-def _describe(head: bytes) -> str:
-    """A few words on what a non-image file holds, for the reason."""
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.start < len(head) - 3:  # not merely a character cut at the end of the 512 bytes
-            return f"binary content starting {head[:4].hex()}"
-        text = head[:err.start].decode("utf-8")
-    if all(c.isprintable() or c in "\r\n\t" for c in text):
-        return "text content"
-    return f"binary content starting {head[:4].hex()}"
-

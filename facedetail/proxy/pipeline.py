@@ -20,12 +20,11 @@ import pyarrow as pa
 from facedetail.dictionary.prior import ExpressionDictionary
 from facedetail.features.landmarks import DetectorConfig, LandmarkDetector
 from facedetail.io.hashing import canonical_json, sha256_bytes
-from facedetail.io.images import encode_png
 from facedetail.io.shards import ShardTask, write_tar_shard
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.fit import FitConfig, ProxyFitter
-from facedetail.proxy.inputs import InputItem, LoadConfig, LoadedPhoto, LoadFailure, load_photo
-from facedetail.proxy.texture import TEXTURE_EXT, TextureConfig, UVTexels, unwrap
+from facedetail.proxy.inputs import InputItem, Listing, LoadConfig, LoadedPhoto, LoadFailure, load_photo
+from facedetail.proxy.texture import TEXTURE_EXT, TextureConfig, UVTexels, encode_texture, unwrap
 
 OK = "ok"
 QUARANTINED = "quarantined"
@@ -115,7 +114,10 @@ class ProxyShardWorker:
 
     # ------------------------------------------------------------------ steps
     def _face(self, item: InputItem) -> tuple[LoadedPhoto | None, _Face | str]:
-        photo = load_photo(item.path, self.spec.load)
+        try:
+            photo = load_photo(item.path, self.spec.load)
+        except Exception as err:  # the decoder reports every bad file itself; a bug in it must not lose the shard
+            return None, f"decode failed: {type(err).__name__}: {err}"
         if isinstance(photo, LoadFailure):
             return None, photo.reason
         try:
@@ -167,7 +169,7 @@ class ProxyShardWorker:
                 unwrapped = unwrap(face.photo.rgb, vertices, self.model.vertex_normals(vertices),
                                    result.cameras.select(i), sizes[i].max() / spec.fit.fit_size, self.raster,
                                    spec.texture)
-                png = encode_png(unwrapped.rgba(), spec.texture.png_compression)
+                png = encode_texture(unwrapped, spec.texture)
             except Exception as err:  # one photo's failure must not lose the shard: report it
                 rows[face.item.id] = self._row(face.item, face.photo, face, status=QUARANTINED,
                                                reason=f"unwrap failed: {type(err).__name__}: {err}", **fit_row)
@@ -183,10 +185,11 @@ class ProxyShardWorker:
     def _row(self, item: InputItem, photo: LoadedPhoto | None, face: _Face | None, **values: Any) -> dict[str, Any]:
         """One proxies.parquet row; geometry in the original photo's pixels."""
         row: dict[str, Any] = {"id": item.id, "path": item.relative, "label": item.label,
-                               "params_hash": self.spec.params_hash}
+                               "listing_note": item.note, "params_hash": self.spec.params_hash}
         if photo is not None:
             row.update(source_sha256=photo.sha256, width=photo.original_size[0], height=photo.original_size[1],
-                       load_notes=list(photo.notes), decode_scale=float(photo.scale))
+                       load_notes=list(photo.notes), decode_warning=photo.decode_warning,
+                       decode_scale=float(photo.scale))
         if face is not None:
             box = to_original(np.reshape(face.box, (2, 2)), face.photo.scale).ravel()
             row.update(box=np.round(box, 3).tolist(), detection_score=face.score, faces_found=face.faces_found,
@@ -201,8 +204,9 @@ def _list(t: pa.DataType) -> pa.DataType:
 
 PROXY_SCHEMA = pa.schema([
     ("id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("status", pa.string()),
-    ("reason", pa.string()), ("source_sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("load_notes", _list(pa.string())), ("box", _list(pa.float64())), ("detection_score", pa.float64()),
+    ("reason", pa.string()), ("listing_note", pa.string()), ("source_sha256", pa.string()), ("width", pa.int32()),
+    ("height", pa.int32()), ("load_notes", _list(pa.string())), ("decode_warning", pa.string()),
+    ("box", _list(pa.float64())), ("detection_score", pa.float64()),
     ("faces_found", pa.int32()), ("landmarks", _list(pa.float64())), ("alpha", _list(pa.float32())),
     ("beta", _list(pa.float32())), ("beta_prior_id", pa.string()), ("beta_prior_label", pa.string()),
     ("beta_prior_distance", pa.float64()), ("camera_scale", pa.float64()), ("camera_rotation", _list(pa.float64())),
@@ -214,6 +218,8 @@ PROXY_SCHEMA = pa.schema([
 ])
 """``proxies.parquet``: one row per input photo, fitted or not (status/reason say which).
 
+``decode_warning`` holds a decoder warning that left the pixels usable (see facedetail.io.decode);
+``listing_note`` what the listing noticed (a name that is not UTF-8, a symlink followed out of the folder).
 Geometry is in the original photo's pixels (x right, y down, pixel centres at integers): box
 (left, top, right, bottom) and landmarks (68 x/y pairs, flattened). The photo was decoded at
 ``decode_scale`` (huge photos are decoded smaller) and fitted in the fitting frame (see
@@ -229,3 +235,29 @@ def proxy_table(rows: list[dict[str, Any]]) -> pa.Table:
     if unknown:
         raise ValueError(f"proxy rows have columns outside PROXY_SCHEMA: {sorted(unknown)}")
     return pa.Table.from_pylist([{k: r.get(k) for k in PROXY_SCHEMA.names} for r in ordered], schema=PROXY_SCHEMA)
+
+
+SKIPPED_SCHEMA = pa.schema([pa.field("path", pa.string(), nullable=False), pa.field("reason", pa.string(),
+                                                                                    nullable=False)])
+"""``skipped.parquet``: every entry of an input folder that the listing did not take (hidden, not an
+image by its extension, special file, symlink loop, ...), sorted by path."""
+DUPLICATES_SCHEMA = pa.schema([
+    pa.field("path", pa.string(), nullable=False), pa.field("row", pa.int64()),
+    pa.field("duplicate_of", pa.string(), nullable=False), pa.field("reason", pa.string(), nullable=False),
+])
+"""``duplicates.parquet``: every listed file not fitted because another is the same file (a list row with
+another spelling of a path) or holds the same bytes; ``duplicate_of`` is the id that was fitted."""
+
+
+def skipped_table(listing: Listing) -> pa.Table:
+    """The listing's skipped entries as a SKIPPED_SCHEMA table."""
+    rows = sorted(listing.skipped, key=lambda s: s.path)
+    return pa.table({"path": [s.path for s in rows], "reason": [s.reason for s in rows]}, schema=SKIPPED_SCHEMA)
+
+
+def duplicates_table(listing: Listing) -> pa.Table:
+    """The listing's duplicates as a DUPLICATES_SCHEMA table, in listing order (list row, then path)."""
+    rows = sorted(listing.duplicates, key=lambda d: (d.row if d.row is not None else 0, d.path))
+    return pa.table({"path": [d.path for d in rows], "row": [d.row for d in rows],
+                     "duplicate_of": [d.duplicate_of for d in rows], "reason": [d.reason for d in rows]},
+                    schema=DUPLICATES_SCHEMA)
