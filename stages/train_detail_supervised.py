@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from functools import partial
 from pathlib import Path
+from typing import Any
 
+from facedetail.io.transaction import StageOutput
 from stages import train_detail
 from stages._common import PARAMS_FILE, Stage, main
 from stages.train_detail import TrainDetailParams
@@ -39,10 +40,15 @@ class AblationStage(Stage[TrainDetailParams]):
         return supervised_only(train_detail.STAGE.load_params(root, params_file))
 
 
-STAGE = AblationStage(NAME, TrainDetailParams, partial(train_detail.build, name=NAME), train_detail.inputs,
-                      seed=lambda p: p.train.seed, resumable=True,
+def build(params: TrainDetailParams, root: Path, out: StageOutput) -> dict[str, Any]:
+    """``train_detail``'s training, in this stage's folders."""
+    return train_detail.build(params, root, out, name=NAME)
+
+
+STAGE = AblationStage(NAME, TrainDetailParams, build, train_detail.inputs, seed=lambda p: p.train.seed, resumable=True,
                       headline=("heldout.mae_mm", "heldout.mean_patch_mae_mm", "heldout.beats_baselines"),
-                      look_at=(train_detail.PREVIEW,))
+                      look_at=(train_detail.PREVIEW,),
+                      limits="An ablation: the same network and data as train_detail, without the unsupervised loss.")
 run = STAGE.run
 
 if __name__ == "__main__":

@@ -161,6 +161,8 @@ def shrink_params(repo: Path) -> None:
     set_params(repo, "detail_pairs", **TINY_PAIRS)
     set_params(repo, "detail_pca", **TINY_PCA)
     set_params(repo, "train_detail", **TINY_TRAIN_DETAIL)
+    set_params(repo, "reconstruct", **TINY_RECONSTRUCT)
+    set_params(repo, "evaluate", **TINY_EVALUATE)
 
 
 # Capture stages (issue 6): one subject x 3 expressions at 192² (1.2 mm texels) from coarse scans
@@ -182,7 +184,13 @@ TINY_PCA = {"patch_size": 32, "stride": 16, "overlap": 16, "components": 8, **TI
 TINY_NETWORK = {"patch_size": 32, "generator": {"ngf": 8, "downsamplings": 5}, "fc_hidden": [64, 32],
                 "pca_components": 8, "refine": {"ngf": 8, "downsamplings": 3},
                 "discriminator": {"ndf": 8, "layers": 2}}
-TINY_TRAIN_DETAIL = {"region_overlap": 16, **TINY_HOLDOUT, "preview_patches": 2, "threads": 1,
+# wild_holdout_fraction 0.5: of the 6 tiny wild photos, some are held out for reconstruct and evaluate.
+TINY_TRAIN_DETAIL = {"region_overlap": 16, **TINY_HOLDOUT, "wild_holdout_fraction": 0.5, "preview_patches": 2,
+                     "threads": 1,
                      "train": {"network": TINY_NETWORK, "stride": 16, "eval_patches": 16,
                                "schedule": {"epochs": 2, "warmup_epochs": 1, "patches_per_epoch": 16,
                                             "batch_size": 8}}}
+# The end product on the tiny chart: one subdivision, small previews, a few samples.
+TINY_RECONSTRUCT = {"limit": 2, "subdivision_levels": 1, "preview_size": 64}
+TINY_EVALUATE = {"capture_limit": 1, "wild_limit": 2, "mesh_levels": 1, "threads": 1,
+                 "surface": {"icp_points": 500, "icp_iterations": 5}}

@@ -190,7 +190,7 @@ def test_stage_writes_bases_curves_and_metrics(root: Path) -> None:
     out = root / "data/detail_pca"
     assert verify_manifest(out) == []
     assert {p.name for p in out.iterdir()} == {BASES_FILE, "upper.npy", "lower.npy", "explained_variance.csv",
-                                               "components.png", "manifest.parquet", "lineage.json"}
+                                               "components.png", "manifest.parquet", "lineage.json", "CARD.md"}
     bases, meta = load_bases(out)
     assert sorted(bases) == ["lower", "upper"]
     for region, basis in bases.items():

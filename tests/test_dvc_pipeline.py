@@ -24,7 +24,7 @@ def test_dvc_repro_face_model(repo: Path, tmp_path: Path) -> None:
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["face_model"]
     outs = {o["path"]: o for o in lock["outs"]}
-    assert outs["data/face_model"]["nfiles"] == 4
+    assert outs["data/face_model"]["nfiles"] == 5  # model, preview, manifest, lineage, card
     assert lock["params"]["params.yaml"]["face_model"]["preview_size"] == 64
     dep_paths = {d["path"] for d in lock["deps"]}
     assert "data/external/eos-share/sfm_shape_3448.bin" in dep_paths
@@ -72,8 +72,8 @@ def test_dvc_repro_render_expressions(tiny_pipeline: Path, tmp_path: Path) -> No
     assert sorted(p.stem for p in (repo / "data/lineage/runs").glob("*.json")) == sorted(_out_hashes(repo))
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["render_expressions"]
     outs = {o["path"]: o for o in lock["outs"]}
-    # one directory out holding a few files (2 shards, manifest, contact sheet, lineage), not one per image
-    assert outs["data/render_expressions"]["nfiles"] == 5
+    # one directory out holding a few files (2 shards, manifest, contact sheet, lineage, card), not one per image
+    assert outs["data/render_expressions"]["nfiles"] == 6
     assert {d["path"] for d in lock["deps"]} >= {"data/face_model/model.npz", "stages/render_expressions.py"}
     assert "up to date" in sh(["dvc", "status"], repo).stdout
 

@@ -22,13 +22,17 @@ DATA_FILES = ("face_model/model.npz", "face_model/manifest.parquet", "face_model
               "wild_proxy/contact_sheet.png", "capture_synth/manifest.parquet", "capture_gt/manifest.parquet",
               "detail_pairs/manifest.parquet", "detail_pairs/shards/pairs-00000.tar", "detail_pca/bases.safetensors",
               "train_detail/detail_net.safetensors", "train_detail/preview.png",
+              "train_detail_supervised/detail_net.safetensors", "reconstruct/gallery.png",
+              "reconstruct/manifest.parquet", "evaluate/scores.parquet",
               # the content lineage records are deterministic too: no run id, time or host in an output
               *(f"{stage}/lineage.json" for stage in ("face_model", "render_expressions", "render_faces",
                                                       "emotion_net", "dictionary", "wild_synth", "wild_proxy",
                                                       "capture_synth", "capture_gt", "detail_pairs", "detail_pca",
-                                                      "train_detail")))
+                                                      "train_detail", "train_detail_supervised", "reconstruct",
+                                                      "evaluate")))
 STAGES = {"face_model", "render_expressions", "render_faces", "emotion_net", "dictionary", "wild_synth", "wild_proxy",
-          "capture_synth", "capture_gt", "detail_pairs", "detail_pca", "train_detail"}
+          "capture_synth", "capture_gt", "detail_pairs", "detail_pca", "train_detail", "train_detail_supervised",
+          "reconstruct", "evaluate"}
 
 
 @pytest.fixture(scope="module")

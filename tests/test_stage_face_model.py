@@ -35,7 +35,8 @@ def plain_root(tmp_path: Path, eos_share: Path) -> Path:
 def test_run_writes_model_preview_manifest_lineage(plain_root: Path) -> None:
     result = face_model.run(_params(), plain_root)
     out = plain_root / "data/face_model"
-    assert sorted(p.name for p in out.iterdir()) == ["lineage.json", "manifest.parquet", "model.npz", "preview.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["CARD.md", "lineage.json", "manifest.parquet", "model.npz",
+                                                    "preview.png"]
     model = MorphableModel.load(out / "model.npz")
     assert (model.n_vertices, model.n_triangles, model.n_expression) == (3448, 6736, 6)
     assert model.provenance["albedo"]["kind"] == "synthetic"

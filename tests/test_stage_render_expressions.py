@@ -46,7 +46,7 @@ def test_outputs_manifest_and_records(tmp_path: Path, model_npz: Path) -> None:
     root = _root(tmp_path, model_npz)
     result = stage.run(_params(), root)
     out = root / OUT
-    assert sorted(_files(root)) == ["contact_sheet.png", "lineage.json", "manifest.parquet",
+    assert sorted(_files(root)) == ["CARD.md", "contact_sheet.png", "lineage.json", "manifest.parquet",
                                     "shards/shard-00000.tar", "shards/shard-00001.tar"]
     assert not (root / WORK).exists(), "the work folder is cleared once the set is complete"
     assert result.summary["shards_built"] == 2

@@ -74,7 +74,7 @@ def test_outputs_manifest_and_tables(built: Path, model_npz: Path) -> None:
     expected = {f"images/{i}.jpg" for i in ids} | {"images/astronaut.png"} | {f"images/_bad/{b}" for b in BAD}
     maps = {f"truth/{i}.png" for i in ids}
     assert set(_files(built)) == expected | maps | {"truth.parquet", "bad_examples.parquet", "manifest.parquet",
-                                                    "contact_sheet.png", "lineage.json"}
+                                                    "contact_sheet.png", "lineage.json", "CARD.md"}
     assert (out / "lineage.json").is_file()
     assert verify_manifest(out) == []
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
@@ -266,8 +266,8 @@ def test_dvc_repro_wild_synth(repo: Path) -> None:
     assert {"data/face_model/model.npz", "stages/wild_synth.py", "facedetail/proxy/synthetic.py"} <= deps
     assert lock["wild_synth"]["params"]["params.yaml"]["wild_synth"]["count"] == 6
     outs = {o["path"]: o for o in lock["wild_synth"]["outs"]}
-    # 6 images + their 6 truth maps + astronaut + truth, bad_examples, manifest, contact sheet, lineage
-    assert outs["data/wild_synth"]["nfiles"] == 18
+    # 6 images + their 6 truth maps + astronaut + truth, bad_examples, manifest, contact sheet, lineage, card
+    assert outs["data/wild_synth"]["nfiles"] == 19
     assert verify_manifest(repo / OUT) == []
     assert "up to date" in sh(["dvc", "status", "wild_synth"], repo).stdout
     assert json.loads((repo / "metrics/wild_synth.json").read_text())["images"] == 6

@@ -10,7 +10,6 @@ from typing import Annotated, Literal
 import typer
 
 from facedetail.errors import FacedetailError
-from facedetail.features.landmarks import SEVERAL_FACES
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 
@@ -47,6 +46,7 @@ def reconstruct_command(
     all_faces: Annotated[bool, typer.Option("--all-faces", help="reconstruct every face of a photo")] = False,
     levels: Annotated[int, typer.Option(help="midpoint subdivisions of detailed.obj (3: 216,192 vertices)")] = 3,
     sigma: Annotated[float, typer.Option(help="stitching σ as a fraction of the patch (release: 50/256)")] = 50 / 256,
+    stride: Annotated[int, typer.Option(help="patch stride in texels; 0 = the training stride")] = 0,
     viewer: Annotated[bool, typer.Option(help="write view.html (the mesh embedded, ~15 MB)")] = True,
     min_face_px: Annotated[float, typer.Option(help="smaller faces (box side, photo pixels) are refused")] = 40.0,
     max_fit_error_px: Annotated[float, typer.Option(
@@ -58,6 +58,7 @@ def reconstruct_command(
     """
     from tqdm import tqdm
 
+    from facedetail.features.landmarks import SEVERAL_FACES
     from facedetail.reconstruct.detailnet import StitchConfig
     from facedetail.reconstruct.photo import STEPS, Failure, ReconstructConfig, Reconstructor, output_names
     from facedetail.reconstruct.photo import resolve_device as pick_device
@@ -68,7 +69,7 @@ def reconstruct_command(
     try:
         base = ReconstructConfig()
         config = ReconstructConfig(all_faces=all_faces, subdivision_levels=levels, viewer=viewer,
-                                   stitch=StitchConfig(sigma_fraction=sigma),
+                                   stitch=StitchConfig(sigma_fraction=sigma, stride=stride or None),
                                    detector={**base.detector.model_dump(), "min_face_px": min_face_px},
                                    fit={**base.fit.model_dump(), "max_reprojection_px": max_fit_error_px})
         torch_device = pick_device(device)  # type: ignore[arg-type]

@@ -40,6 +40,9 @@ class StitchConfig(Config):
     """A patch is predicted when at least this fraction of it is visible in the texture (training's ``min_valid``)."""
     batch_size: int = Field(64, ge=1)
     """Patches per forward pass."""
+    stride: int | None = Field(None, ge=1)
+    """Patch stride in texels; None = the training stride (the paper's). A larger one trades accuracy for time:
+    2x the stride is 1/4 of the patches (``bench/reconstruct.py`` measures both)."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,8 @@ class DetailNet:
 
     def origins(self, visible: NDArray[np.bool_], config: StitchConfig) -> dict[str, NDArray[np.int64]]:
         """Patch origins per region on the training stride."""
-        return {r: patch_origins(visible, box, self.patch, self.stride, config.min_valid)
-                for r, box in self.boxes.items()}
+        stride = config.stride or self.stride
+        return {r: patch_origins(visible, box, self.patch, stride, config.min_valid) for r, box in self.boxes.items()}
 
     @torch.no_grad()
     def predict(self, texture: NDArray[np.uint8], visible: NDArray[np.bool_],

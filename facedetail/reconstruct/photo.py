@@ -16,6 +16,7 @@ Files per face in ``OUT/<photo stem>/`` (:meth:`Reconstructor.write`): ``proxy.o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -38,7 +39,15 @@ from facedetail.io.images import decode_png, encode_png
 from facedetail.io.shards import ShardTask, iter_tar_shard
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.fit import FitConfig
-from facedetail.proxy.inputs import InputItem, LoadConfig, LoadedPhoto, LoadFailure, item_id, load_photo
+from facedetail.proxy.inputs import (
+    InputItem,
+    LoadConfig,
+    LoadedPhoto,
+    LoadFailure,
+    display_name,
+    item_id,
+    load_photo,
+)
 from facedetail.proxy.pipeline import OK, ProxyShardWorker, ProxySpec, to_decoded, to_original
 from facedetail.proxy.texture import TEXTURE_EXT, TextureConfig, UVTexels
 from facedetail.reconstruct.detailnet import DetailMaps, DetailNet, StitchConfig
@@ -177,7 +186,7 @@ class Reconstructor:
 
     def _proxy(self, photo: Path, item: InputItem) -> _Proxy | Failure:
         """The ``wild_proxy`` worker on this one photo: its row and its texture sample."""
-        self.worker.spec = ProxySpec({item.id: item}, *_spec_tail(self.spec))
+        self.worker.spec = dataclasses.replace(self.spec, items={item.id: item})
         with tempfile.TemporaryDirectory(prefix="facedetail-reconstruct-") as tmp:
             tar = Path(tmp) / "one.tar"
             rows = self.worker(ShardTask("one", (item.id,)), tar, lambda n: None)
@@ -190,12 +199,12 @@ class Reconstructor:
             return Failure(photo, loaded.reason)
         rgba = decode_png(samples[0][TEXTURE_EXT], alpha=True)
         vertices = self.model.vertices(np.asarray(row["alpha"]), np.asarray(row["beta"])).astype(np.float64)
-        return _Proxy(row, loaded, np.ascontiguousarray(rgba[..., :3]), rgba[..., 3] > 127, vertices)
+        return _Proxy(photo, row, loaded, np.ascontiguousarray(rgba[..., :3]), rgba[..., 3] > 127, vertices)
 
     def detail(self, proxy: _Proxy, name: str) -> FaceResult:
         """Network, stitching: the displacement of a fitted proxy."""
         maps = self.net.predict(proxy.texture, proxy.visible, self.config.stitch)
-        result = FaceResult(Path(proxy.photo_path), name, proxy.row, proxy.photo.rgb, proxy.photo.scale,
+        result = FaceResult(proxy.photo_path, name, proxy.row, proxy.photo.rgb, proxy.photo.scale,
                             proxy.texture, proxy.visible, proxy.vertices, maps, dict(proxy.seconds))
         result.seconds.update(network=maps.seconds["network"], stitch=maps.seconds["stitch"])
         return result
@@ -271,7 +280,8 @@ class Reconstructor:
         keep = ("alpha", "beta", "beta_prior_id", "beta_prior_label", "camera_scale", "camera_rotation",
                 "camera_translation", "yaw_deg", "pitch_deg", "roll_deg", "reprojection_px", "box", "landmarks",
                 "detection_score", "width", "height", "source_sha256")
-        return {"photo": result.photo.name, "name": result.name, "fit": {k: row.get(k) for k in keep},
+        return {"photo": display_name(result.photo.name), "name": display_name(result.name),
+                "fit": {k: row.get(k) for k in keep},
                 "chart_resolution": self.net.resolution, "patches": result.maps.patches,
                 "texture_visible": round(float(result.visible.mean()), 6),
                 "displacement_mm": {"mean_abs": round(float(np.abs(d).mean()), 6) if d.size else None,
@@ -290,20 +300,13 @@ class Reconstructor:
 
 @dataclass
 class _Proxy:
+    photo_path: Path
     row: dict[str, Any]
     photo: LoadedPhoto
     texture: NDArray[np.uint8]
     visible: NDArray[np.bool_]
     vertices: NDArray[np.float64]
     seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def photo_path(self) -> str:
-        return str(self.row.get("path"))
-
-
-def _spec_tail(spec: ProxySpec) -> tuple[Any, ...]:
-    return (spec.model_path, spec.dictionary_path, spec.load, spec.detector, spec.fit, spec.texture, spec.params_hash)
 
 
 def detail_normals(positions: NDArray[np.floating], normals: NDArray[np.floating], displacement: NDArray[np.floating],
