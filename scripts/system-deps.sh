@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages given as arguments if any is missing; silent when all are present.
 set -euo pipefail
-# graphviz: its `dot` draws `facedetail lineage --format png` (text, json, mermaid and dot need nothing).
-set -- "$@" graphviz
 missing=()
 for pkg in "$@"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

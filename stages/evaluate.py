@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 from tqdm import tqdm
 
+from facedetail.capture.maps import decode_png, u16_to_displacement
 from facedetail.capture.scan import discover_items, load_scan, read_info, scan_path
 from facedetail.capture.synthetic import SyntheticDetails
 from facedetail.config import content_key, input_path, run_only, set_level
@@ -43,6 +44,7 @@ from facedetail.detail.train import deterministic
 from facedetail.dictionary.prior import ExpressionDictionary
 from facedetail.errors import SourceFileError
 from facedetail.io.atomic import atomic_write_text
+from facedetail.io.manifest import file_row
 from facedetail.io.tables import QUARANTINE_NAME, reason_kind, write_quarantine, write_table
 from facedetail.io.transaction import StageOutput
 from facedetail.model.morphable import MorphableModel
@@ -127,8 +129,11 @@ def build(params: EvaluateParams, root: Path, out: StageOutput) -> dict[str, Any
 def _build(params: EvaluateParams, root: Path, out: StageOutput) -> dict[str, Any]:
     started = time.perf_counter()
     device = resolve_device(params.device)
-    model = MorphableModel.load(root / params.model)
-    net = DetailNet.load(root / params.detail_net, device)
+    # One engine for both sets: its network, subdivision and chart serve the capture pairs too (loaded once).
+    config = ReconstructConfig(load=params.load, detector=params.detector, fit=params.fit, texture=params.texture,
+                               stitch=params.stitch, subdivision_levels=params.mesh_levels, viewer=False)
+    engine = Reconstructor(root / params.model, root / params.dictionary, root / params.detail_net, config, device)
+    net, model = engine.net, engine.model
     supervised = DetailNet.load(root / params.supervised_net, device) if params.supervised_net else None
     R = net.resolution
     pairs, bad_pairs = load_pairs(root / params.pairs, R, model)
@@ -141,22 +146,22 @@ def _build(params: EvaluateParams, root: Path, out: StageOutput) -> dict[str, An
     baselines = mean_baselines([p.displacement for p in train], [p.dmask & p.visible for p in train],  # type: ignore[misc]
                                [net.origins(p.visible & p.dmask, params.stitch) for p in train],  # type: ignore[operator]
                                net.patch)
-    scorer = SampleScorer(model, net, supervised, baselines, params.stitch, params.mesh_levels, params.surface)
+    scorer = SampleScorer(engine, supervised, baselines, params.surface)
     quarantine: list[dict[str, Any]] = [{"id": r["id"], "path": None, "reason": f"capture pair: {r['reason']}"}
                                         for r in bad_pairs]
     records: list[dict[str, Any]] = []
 
     capture_scores = []
-    scans = _scans(root / params.capture, params.surface.max_points)
+    scans = _Scans(root / params.capture, params.surface.max_points)
     chosen = sorted(held, key=lambda p: p.id)[:params.capture_limit or None]
     for pair in tqdm(chosen, desc=f"{NAME} capture", unit="pair", disable=None):
-        item = "/".join(pair.id.split("/")[:2])
-        if item not in scans:
+        scan = scans.get("/".join(pair.id.split("/")[:2]))
+        if scan is None:
             quarantine.append({"id": pair.id, "path": None, "reason": "no scan: capture item not found"})
             continue
         vertices = pair.proxy[:, :3].astype(np.float64)
         sample = Sample(pair.id, pair.texture, pair.visible, vertices, pair.displacement.astype(np.float64),  # type: ignore[union-attr]
-                        pair.dmask, scans[item])  # type: ignore[arg-type]
+                        pair.dmask, scan)  # type: ignore[arg-type]
         scores = scorer.score(sample)
         capture_scores.append(scores)
         records += _records("capture", pair.id, None, scores)
@@ -167,9 +172,6 @@ def _build(params: EvaluateParams, root: Path, out: StageOutput) -> dict[str, An
                     if is_held_out(i.id, params.wild_holdout_fraction, params.split_seed)), key=lambda i: i.id)
     no_truth = [i for i in items if i.relative not in truth]
     items = [i for i in items if i.relative in truth][:params.wild_limit or None]
-    config = ReconstructConfig(load=params.load, detector=params.detector, fit=params.fit, texture=params.texture,
-                               stitch=params.stitch, subdivision_levels=params.mesh_levels, viewer=False)
-    engine = Reconstructor(root / params.model, root / params.dictionary, root / params.detail_net, config, device)
     try:
         for item in tqdm(items, desc=f"{NAME} wild", unit="photo", disable=None):
             t = truth[item.relative]
@@ -209,41 +211,35 @@ def _build(params: EvaluateParams, root: Path, out: StageOutput) -> dict[str, An
 
 
 def _file_row(out: StageOutput, name: str, key: str) -> dict[str, Any]:
-    from facedetail.io.manifest import file_row
     return file_row(out.dir, name, item_id=name, params_hash=key, kind=Path(name).stem)
 
 
-def _scans(folder: Path, max_points: int) -> dict[str, Surface]:
-    """Lazy map of capture item id -> its scan as a :class:`Surface` (loaded on first use)."""
-    return _LazyScans(folder, max_points)  # type: ignore[return-value]
-
-
-class _LazyScans(dict):  # type: ignore[type-arg]
-    """Scans are ~10 MB each: only the scored items' are read."""
+class _Scans:
+    """The capture scans as :class:`Surface` s, each read on first use (~10 MB each: only scored items are read)."""
 
     def __init__(self, folder: Path, max_points: int) -> None:
-        super().__init__()
         self.max_points = max_points
         self.items = {i.id: i for i in discover_items(folder) if i.problem is None}
+        self.loaded: dict[str, Surface] = {}
 
-    def __contains__(self, key: object) -> bool:
-        return key in self.items
-
-    def __missing__(self, key: str) -> Surface:
-        item = self.items[key]
-        info = read_info(item)
-        mesh = load_scan(scan_path(item, info), info.units)
-        surface = Surface(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.vertex_normals, np.float64))
-        surface = surface.subsample(self.max_points)
-        self[key] = surface
-        return surface
+    def get(self, item_id: str) -> Surface | None:
+        """The scan of ``item_id`` (None: no such capture item)."""
+        if item_id not in self.items:
+            return None
+        if item_id not in self.loaded:
+            item = self.items[item_id]
+            info = read_info(item)
+            mesh = load_scan(scan_path(item, info), info.units)
+            surface = Surface(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.vertex_normals, np.float64))
+            self.loaded[item_id] = surface.subsample(self.max_points)
+        return self.loaded[item_id]
 
 
 def _wild_sample(sample_id: str, result: Any, truth: dict[str, Any], wild: Path, model: MorphableModel,
                  scorer: SampleScorer) -> Sample:
     """A reconstructed wild photo with its truth: the displacement map and the true detailed surface."""
-    raw = _read_u16(wild / truth["displacement_png"])
-    true_d = (raw / 65535.0 * 2.0 - 1.0) * float(truth["displacement_scale_mm"])
+    true_d = u16_to_displacement(decode_png(wild / truth["displacement_png"]),
+                                 float(truth["displacement_scale_mm"])).astype(np.float64)
     details = SyntheticDetails.from_json(json.loads(truth["details"])["details"])
     true_vertices = model.vertices(np.asarray(truth["alpha"]), np.asarray(truth["beta"])).astype(np.float64)
     base = scorer.meshes.map.proxy(model, true_vertices)
@@ -251,14 +247,6 @@ def _wild_sample(sample_id: str, result: Any, truth: dict[str, Any], wild: Path,
     initial = kabsch(result.proxy_vertices, true_vertices)
     return Sample(sample_id, result.texture, result.visible, result.proxy_vertices, true_d, scorer.chart.copy(),
                   Surface(surface.vertices, surface.normals), initial, float(truth["yaw_deg"]))
-
-
-def _read_u16(path: Path) -> np.ndarray:
-    import cv2
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None or image.dtype != np.uint16:
-        raise SourceFileError(path, "not a 16-bit displacement PNG", "Run `dvc repro wild_synth`")
-    return image.astype(np.float64)
 
 
 def _records(kind: str, sample_id: str, yaw: float | None, scores: dict[str, dict[str, float | None]]) -> list[dict]:

@@ -77,13 +77,13 @@ class ReconstructParams(WildPathParams):
     detail_net: str = input_path("data/train_detail/detail_net.safetensors")
     """The trained detail network."""
     limit: int = set_level(8, ge=0)
-    """Photos reconstructed at most (the first by id; 0 = all): each face's files take ~25 MB at 2 subdivisions."""
+    """Photos reconstructed at most (the first by id; 0 = all): each face's files took ~20 MB at 2 subdivisions."""
     stitch: StitchConfig = StitchConfig()
     """Patches and their Gaussian blend."""
     subdivision_levels: int = Field(2, ge=0, le=5)
     """Midpoint subdivisions of ``detailed.obj`` (2: 54,208 vertices; the command's default 3: 216,192)."""
     viewer: bool = False
-    """Also write each face's ``view.html`` (the mesh embedded: ~4 MB at 2 subdivisions)."""
+    """Also write each face's ``view.html`` (the mesh embedded)."""
     preview_size: int = set_level(256, ge=64)
     """Side of each preview tile."""
     gallery_columns: int = set_level(2, ge=1)

@@ -25,14 +25,16 @@ import trimesh
 from numpy.typing import NDArray
 from PIL import Image, PngImagePlugin
 
+from facedetail.capture.maps import displacement_to_u16
 from facedetail.io.images import encode_png
 from facedetail.model.morphable import MorphableModel
+from facedetail.proxy.texture import UVTexels
 from facedetail.render.detailed import DetailedSurface, SubdivisionMap, displace, uniform_subdivision_map
 
 PNG_TEXT_KEY = "facedetail:displacement"
 U16 = 65535
 OBJ_DIGITS = 5
-"""Decimals of the OBJ numbers: 10 nm in mm, far below any detail (trimesh's default 8 makes files 1.5x larger)."""
+"""Decimals of the OBJ numbers: 10 nm in mm, far below any detail (trimesh's default is 8)."""
 TEXTURE_NAME = "texture"
 """Material name of both OBJs: they share one ``texture.png``."""
 
@@ -140,6 +142,13 @@ def glb_bytes(mesh: trimesh.Trimesh) -> bytes:
     return trimesh.exchange.gltf.export_glb(trimesh.Scene(mesh), include_normals=True)
 
 
+def chart_mask(texels: UVTexels) -> NDArray[np.bool_]:
+    """(R, R) True on the texels the UV chart covers."""
+    mask = np.zeros((texels.resolution,) * 2, bool)
+    mask[texels.rows, texels.cols] = True
+    return mask
+
+
 def fill_texture(texture: NDArray[np.uint8], visible: NDArray[np.bool_]) -> NDArray[np.uint8]:
     """The texture with hidden texels set to the mean visible colour (so a viewer shows no black holes)."""
     out = texture.copy()
@@ -150,15 +159,23 @@ def fill_texture(texture: NDArray[np.uint8], visible: NDArray[np.bool_]) -> NDAr
 
 @dataclass(frozen=True)
 class DisplacementPNG:
-    """How ``displacement.png`` stores mm: ``mm = value · scale_mm + offset_mm``."""
+    """How ``displacement.png`` stores mm: ``capture_gt``'s 16-bit encoding of ±``range_mm``
+    (:func:`facedetail.capture.maps.displacement_to_u16`), written down as ``mm = value · scale_mm + offset_mm``."""
 
-    scale_mm: float
-    offset_mm: float
+    range_mm: float
 
     @classmethod
     def for_range(cls, max_abs_mm: float) -> DisplacementPNG:
         """±``max_abs_mm`` over the 16-bit range (0 mm at the middle value)."""
-        return cls(2.0 * max_abs_mm / U16, -max_abs_mm)
+        return cls(max_abs_mm)
+
+    @property
+    def scale_mm(self) -> float:
+        return 2.0 * self.range_mm / U16
+
+    @property
+    def offset_mm(self) -> float:
+        return -self.range_mm
 
     def meta(self) -> dict[str, Any]:
         return {"unit": "mm", "scale_mm": self.scale_mm, "offset_mm": self.offset_mm,
@@ -166,11 +183,11 @@ class DisplacementPNG:
 
     def encode(self, displacement_mm: NDArray[np.floating]) -> bytes:
         """16-bit PNG bytes with the scale and offset in a text chunk (values beyond the range are clipped)."""
-        values = np.clip(np.round((np.asarray(displacement_mm, np.float64) - self.offset_mm) / self.scale_mm), 0, U16)
+        values, _ = displacement_to_u16(displacement_mm, self.range_mm)
         info = PngImagePlugin.PngInfo()
         info.add_text(PNG_TEXT_KEY, json.dumps(self.meta(), sort_keys=True))
         buf = io.BytesIO()
-        Image.fromarray(values.astype(np.uint16)).save(buf, format="PNG", pnginfo=info, compress_level=3)
+        Image.fromarray(values).save(buf, format="PNG", pnginfo=info, compress_level=3)
         return buf.getvalue()
 
     @staticmethod

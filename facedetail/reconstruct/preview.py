@@ -14,7 +14,7 @@ from facedetail.render.sh import directional_sh, shade
 from facedetail.render.sheet import label_grid
 
 # Camera frame (y down, z away from the viewer): a light from the upper left, a little grazing, so that
-# wrinkles a tenth of a millimetre deep show in the shading.
+# shallow wrinkles show in the shading.
 RAKING_LIGHT = directional_sh(np.array([-0.55, -0.45, -0.70]) / np.linalg.norm([-0.55, -0.45, -0.70]),
                               intensity=0.85, ambient=0.15)
 GREY = 0.78

@@ -16,9 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from facedetail.detail.pairs import proxy_maps
-from facedetail.model.morphable import MorphableModel
-from facedetail.proxy.texture import UVTexels
-from facedetail.reconstruct.detailnet import DetailNet, StitchConfig, gaussian_window, stitch
+from facedetail.reconstruct.detailnet import DetailNet, gaussian_window, stitch
 from facedetail.reconstruct.evaluate import (
     ROWS,
     Baselines,
@@ -32,8 +30,8 @@ from facedetail.reconstruct.evaluate import (
     transform,
     yaw_bin,
 )
-from facedetail.reconstruct.mesh import MeshBuilder, sample_map
-from facedetail.reconstruct.photo import detail_normals
+from facedetail.reconstruct.mesh import sample_map
+from facedetail.reconstruct.photo import Reconstructor, detail_normals
 from facedetail.render.detailed import displace
 
 
@@ -59,16 +57,15 @@ class Sample:
 
 
 class SampleScorer:
-    """The networks, baselines and geometry, loaded once."""
+    """The networks, baselines and geometry, loaded once (shared with a :class:`Reconstructor`)."""
 
-    def __init__(self, model: MorphableModel, net: DetailNet, supervised: DetailNet | None, baselines: Baselines,
-                 stitch_config: StitchConfig, mesh_levels: int, surface: SurfaceConfig) -> None:
-        self.model, self.net, self.supervised, self.baselines = model, net, supervised, baselines
-        self.stitch_config, self.surface = stitch_config, surface
-        self.meshes = MeshBuilder(model, mesh_levels)
-        self.texels = UVTexels.build(model.uv, model.triangles, net.resolution)
-        self.chart = np.zeros((net.resolution,) * 2, bool)
-        self.chart[self.texels.rows, self.texels.cols] = True
+    def __init__(self, engine: Reconstructor, supervised: DetailNet | None, baselines: Baselines,
+                 surface: SurfaceConfig) -> None:
+        """``engine``'s model, network, stitching, subdivision and chart are the ones scored with."""
+        self.model, self.net, self.supervised, self.baselines = engine.model, engine.net, supervised, baselines
+        self.stitch_config, self.surface = engine.config.stitch, surface
+        self.meshes, self.texels, self.chart = engine.meshes, engine.texels, engine.chart
+        net, stitch_config = self.net, self.stitch_config
         self.window = gaussian_window(net.patch, stitch_config.sigma_fraction * net.patch)
 
     def predictions(self, texture: NDArray[np.uint8],

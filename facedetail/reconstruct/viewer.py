@@ -3,7 +3,7 @@
 The mesh is embedded as base64 typed arrays (positions float32, normals int8, UVs uint16, indices uint32)
 and the texture as a JPEG data URI; about 60 lines of WebGL2 draw it (drag to turn, wheel to zoom, ``t``
 switches between the photo texture and grey shading, which shows the details best). Written by hand rather
-than vendoring three.js (~600 KB per page) because a viewer of one mesh needs only this much.
+than vendoring three.js into every page, because a viewer of one mesh needs only this much.
 """
 
 from __future__ import annotations
