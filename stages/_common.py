@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from facedetail.config import Config, key_data
 from facedetail.errors import FacedetailError, InterruptedRunError, SourceFileError
 from facedetail.io.cards import CardSpec, write_card
+from facedetail.io.executors import EXECUTOR_ENV, executor_session
 from facedetail.io.hashing import params_hash
 from facedetail.io.licences import LicenceRules, parse_rules
 from facedetail.io.lineage import ParentRef
@@ -267,8 +268,11 @@ def main(stage: Stage[Any], argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = stage.load_params(args.root, args.params)
-        result = stage.run(params, args.root)
-    except (FacedetailError, FileNotFoundError) as err:
+        # `dvc repro` users scale out the same way the flow does: FACEDETAIL_EXECUTOR=dask://host:8786 (or
+        # ray://…) sends the stage's shards to that cluster; a local cluster gets one worker per core.
+        with executor_session(os.environ.get(EXECUTOR_ENV), worker_count(0)):
+            result = stage.run(params, args.root)
+    except (FacedetailError, FileNotFoundError, ValueError) as err:
         print(f"error: {stage.name}: {err}", file=sys.stderr)
         return 2
     except InterruptedRunError as err:

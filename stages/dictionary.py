@@ -2,13 +2,16 @@
 
 Every training-split render with a face gets the feature ``[w_e · emotion ‖ w_a · appearance]``
 (emotion: the ``emotion_net`` network's 128-D layer on its aligned crop; appearance: its
-Procrustes-aligned dlib landmarks) and is stored with its β. Held-out renders, never seen by
-the emotion network nor stored here, measure how well β_prior predicts the true β, against
-baselines computed in the same run.
+Procrustes-aligned dlib landmarks) and is stored with its β. With ``selection.enabled`` the
+weights, normalisation, k and weighting are chosen on a validation share of the *training*
+renders (:mod:`facedetail.dictionary.selection`); ``features`` is used as given otherwise.
+Held-out renders, never seen by the emotion network, the selection nor stored here, measure
+how well β_prior predicts the true β, against baselines computed in the same run.
 
 Outputs in ``data/dictionary/``: ``index.faiss`` (+ ``index.faiss.json``), ``entries.parquet``,
 ``dictionary.json``, ``emotion_net.pt`` (a copy, so the folder answers photo queries on its
-own), ``manifest.parquet`` and ``lineage.json``; ``metrics/dictionary.json``.
+own), ``selection.parquet`` (every grid point's validation score, when selecting),
+``manifest.parquet`` and ``lineage.json``; ``metrics/dictionary.json``.
 """
 
 from __future__ import annotations
@@ -19,18 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
 from facedetail.config import content_key, input_path
 from facedetail.dictionary.index import IndexConfig
 from facedetail.dictionary.prior import ExpressionDictionary, FeatureConfig
 from facedetail.dictionary.quality import astronaut_prior, dictionary_metrics, prior_quality
+from facedetail.dictionary.selection import Selection, SelectionConfig, select_features, selection_summary, to_config
 from facedetail.errors import FacedetailError
 from facedetail.features.align import appearance_features
 from facedetail.features.datasets import read_render_crops, render_face_rows
 from facedetail.features.faceset import FRAMING_FILE, HOLDOUT, TRAIN, load_framing
 from facedetail.features.train import load_network, predict
 from facedetail.io.manifest import file_row
+from facedetail.io.tables import write_table
 from facedetail.io.transaction import StageOutput
 from stages._common import Input, Stage, StageParams, main
 
@@ -45,7 +51,9 @@ class DictionaryParams(StageParams):
     emotion_net: str = input_path("data/emotion_net/model.pt")
     """The trained emotion network."""
     features: FeatureConfig = FeatureConfig()
-    """Weights and normalisation of the two feature halves."""
+    """Weights, normalisation, k and weighting of the lookup, used as given when selection is disabled."""
+    selection: SelectionConfig = SelectionConfig()
+    """The validation split of the training renders and the grid the feature config is chosen from."""
     index: IndexConfig = IndexConfig()
     """FAISS index: metric (l1, the release's; or l2), kind (flat = exact; ivf/hnsw for very large sets)."""
     baseline_seed: int = Field(0, ge=0)
@@ -76,19 +84,35 @@ def build(params: DictionaryParams, root: Path, out: StageOutput) -> dict[str, A
     if train.size == 0:
         raise FacedetailError("dictionary: no training-split render has a face")
     ids, labels = rows["id"], rows["label"]
+    train_ids, train_labels = [ids[i] for i in train], [labels[i] for i in train]
     started = time.perf_counter()
-    dictionary = ExpressionDictionary.build([ids[i] for i in train], [labels[i] for i in train], beta[train],
-                                            emotion[train], appearance[train], params.features, params.index,
-                                            framing, net_path)
-    build_s = time.perf_counter() - started
-    quality = prior_quality(dictionary, params.features, params.index, params.baseline_seed, emotion[held],
-                            appearance[held], beta[held], [labels[i] for i in held])
+    selection: Selection | None = None
+    # The release's lookup (both halves, 1-NN) and the emotion half by 1-NN, measured beside the chosen one.
+    features = params.features
+    others = {"release_both_halves_1nn": FeatureConfig(), "emotion_only_1nn": FeatureConfig(appearance_weight=0.0)}
+    if params.selection.enabled:
+        selection = select_features(train_ids, train_labels, beta[train], emotion[train], appearance[train],
+                                    params.selection, params.index)
+        features = selection.chosen
+        # Measured on the held-out renders too, so "do both halves help?" is answered there.
+        others["best_combination_on_validation"] = to_config(selection.best(emotion=True, appearance=True))
+        write_table(out.dir / "selection.parquet", pa.Table.from_pylist(selection.rows))
+    select_s = time.perf_counter() - started
+    dictionary = ExpressionDictionary.build(train_ids, train_labels, beta[train], emotion[train], appearance[train],
+                                            features, params.index, framing, net_path)
+    build_s = time.perf_counter() - started - select_s
+    quality = prior_quality(dictionary, features, params.index, params.baseline_seed, emotion[held],
+                            appearance[held], beta[held], [labels[i] for i in held], others)
     astronaut = astronaut_prior(dictionary)
     key = content_key(params, {"render_faces": out.input_hash(faces_dir), "emotion_net": out.input_hash(net_path)})
     dictionary.save(out.dir, extra={"emotion_network": net_meta["network"], "params_hash": key})
     out.write_manifest([file_row(out.dir, p.name, params_hash=key) for p in sorted(out.dir.iterdir()) if p.is_file()])
     out.metrics = dictionary_metrics(dictionary, len(held), params.index, quality, astronaut, key)
+    out.metrics["features"] = features.model_dump(mode="json")
+    if selection is not None:
+        out.metrics["selection"] = selection_summary(selection, quality)
     return {"entries": len(train), "holdout_queries": len(held), "build_seconds": round(build_s, 3),
+            "selection_seconds": round(select_s, 3),
             "beta_mae": quality.get("beta_mae", {}).get("dictionary"), "astronaut": astronaut.get("neighbour_label")}
 
 

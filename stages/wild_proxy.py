@@ -45,6 +45,7 @@ from facedetail.proxy.pipeline import (
     ProxyShardWorker,
     ProxySpec,
     duplicates_table,
+    face_rows,
     proxy_table,
     skipped_table,
 )
@@ -57,6 +58,12 @@ PROXIES = "proxies.parquet"
 SKIPPED = "skipped.parquet"
 DUPLICATES = "duplicates.parquet"
 SHEET = "contact_sheet.png"
+
+
+DETECTOR = DetectorConfig(multiple_faces="largest", min_score=0.5, retry_max_pixels=4_000_000)
+"""wild_proxy's detector defaults: the largest face scoring at least 0.5 (the astronaut's suit patch
+scores -0.05 in the PNG and 0.07-0.10 as a JPEG of quality 75-81, her face 1.5-1.6), and a retry up to
+4 MP (a 1024² photo is tried again at 1280², a 320² one at 640² and 1280²) when none is found."""
 
 
 class WildProxyParams(StageParams):
@@ -88,8 +95,10 @@ class WildProxyParams(StageParams):
     """Fits compared with eos-py (the first N fitted photos by id; eos fits ~16 photos/s)."""
     load: LoadConfig = LoadConfig()
     """Decoding: size limits and the decode-time downscale."""
-    detector: DetectorConfig = DetectorConfig()
-    """Face detection and landmarks (policy for several faces included)."""
+    detector: DetectorConfig = DETECTOR
+    """Face detection and landmarks: the policy for several faces (``all``: one row per face, ids
+    ``<photo id>#k``) and the retry, within a pixel budget, when no face is found. Keys not given
+    take these defaults (not DetectorConfig's, which keep the other stages' behaviour)."""
     fit: FitConfig = FitConfig()
     """Camera and shape fit."""
     texture: TextureConfig = TextureConfig()
@@ -99,7 +108,7 @@ class WildProxyParams(StageParams):
     load.max_side² x 3 bytes each) until it is fitted: 32 x 1024² photos is 100 MB, which with one
     decode at load.max_pixels keeps a worker under 1 GB (tests/test_stage_wild_proxy.py measures it)."""
     sheet_faces: int = set_level(16, ge=1)
-    """Fits drawn on the contact sheet."""
+    """Fits drawn on the contact sheet: the worst by NME, worst first."""
     workers: int = run_only(0, ge=0)
     """Processes; 0 = one per available CPU core."""
     uv_chart: UVChartConfig = UVChartConfig()
@@ -109,6 +118,13 @@ class WildProxyParams(StageParams):
     @classmethod
     def _shared_chart(cls, data: Any) -> Any:
         return inject_chart(data, "texture", "resolution")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _detector_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("detector"), dict):
+            return {**data, "detector": {**DETECTOR.model_dump(), **data["detector"]}}
+        return data
 
 
 def inputs(params: WildProxyParams) -> list[Input]:
@@ -139,7 +155,10 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
     report = build_shards(shard_tasks([i.id for i in items], params.shard_size), work_dir, shard_key,
                           partial(ProxyShardWorker, spec), workers=worker_count(params.workers), desc=NAME,
                           unit="photo")
-    rows = [r if r["status"] == OK else {**r, "shard": None} for r in out.add_shards(report.records, work_dir)]
+    rows = [r if r["status"] == OK else {**r, "shard": None}
+            for r in face_rows(out.add_shards(report.records, work_dir))]
+    if len({r["id"] for r in rows}) != len(rows):  # face ids are <photo id>#k: a clash is a bug, not bad input
+        raise RuntimeError("wild_proxy: row ids are not unique")
     good = [r for r in rows if r["status"] == OK]
     bad = [r for r in rows if r["status"] != OK]
     if not good:
@@ -147,18 +166,20 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
         raise SourceFileError(source, f"none of the {len(rows)} photos could be fitted: " + ", ".join(
             f"{kind} ({n})" for kind, n in sorted(counts.items())), "Check the input and the detector/fit params")
     model = MorphableModel.load(model_path)
-    metrics = proxy_metrics(rows, model, params.fit, astronaut=params.astronaut,
+    metrics, columns = proxy_metrics(rows, model, params.fit, astronaut=params.astronaut,
                             expected=root / params.expected if params.expected else None,
                             truth=root / params.truth if params.truth else None,
                             eos_share=root / params.eos_share if params.eos_share else None,
                             eos_compare_max=params.eos_compare_max)
+    rows = [{**r, **columns.get(r["id"], {})} for r in rows]
+    good = [r for r in rows if r["status"] == OK]
     write_table(out.dir / PROXIES, proxy_table(rows))
     out.write_manifest([{"id": r["id"], "path": None, "shard": r["shard"], "key": r["key"], "sha256": r["sha256"],
                          "bytes": r["bytes"], "seed": None, "params_hash": key, "source": r["path"]} for r in good])
     write_quarantine(out.dir / QUARANTINE_NAME, bad)
     write_table(out.dir / SKIPPED, skipped_table(listing))
     write_table(out.dir / DUPLICATES, duplicates_table(listing))
-    out.write_png(SHEET, fit_sheet(good[: params.sheet_faces], spec.items, spec.load, model))
+    out.write_png(SHEET, fit_sheet(worst_first(good)[: params.sheet_faces], spec.items, spec.load, model))
     # Timings go to the printed summary, not the metrics: those are byte-identical on rerun.
     out.metrics = {**metrics, **accounting(listing, rows), "params_hash": key}
     return {"inputs": listing.entries, "photos": len(rows), "fitted": len(good), "quarantined": len(bad),
@@ -184,6 +205,11 @@ def _listing(params: WildProxyParams, root: Path, out: StageOutput) -> Listing:
     return content_duplicates(listing, lambda item: hashes[item.id])
 
 
+def worst_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fitted rows by NME, worst first (ties by id), so the contact sheet opens on the fits to check."""
+    return sorted(rows, key=lambda r: (-r["nme"], r["id"]))
+
+
 def accounting(listing: Listing, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Where every input went: ``inputs = fitted + quarantined + skipped + duplicates``, with the kinds."""
     fitted = sum(r["status"] == OK for r in rows)
@@ -199,7 +225,7 @@ def accounting(listing: Listing, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 STAGE = Stage(NAME, WildProxyParams, build, inputs, resumable=True,
-              headline=("fitted", "reprojection_px.median", "eos.ratio_mean"), look_at=(SHEET,),
+              headline=("fitted", "nme.median", "eos.ratio_mean"), look_at=(SHEET,),
               limits="Proxies fit dlib's 68 landmarks only.", sources=lambda p, out: ("dlib-68-predictor",))
 run = STAGE.run
 

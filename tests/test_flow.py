@@ -108,25 +108,37 @@ def test_stage_order_refuses_other_commands_and_subfolders(tmp_path: Path) -> No
         stage_order(repo / "sub")
 
 
-def test_flow_matches_dvc_repro(prefect_harness, tmp_path: Path, eos_share: Path, tiny_pipeline: Path) -> None:
-    """Every output file (lineage.json included) and every metrics file of an independent flow run equals
-    `dvc repro`'s: so the DVC out hashes of a second run equal the first's, and dvc.lock is stable."""
+def _descendants(repo: Path, stage: str) -> set[str]:
+    edges = _dvc_dag_edges(repo)
+    found, frontier = set(), {stage}
+    while frontier:
+        frontier = {user for dep, user in edges if dep in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_flow_agrees_with_dvc(prefect_harness, tmp_path: Path, eos_share: Path, tiny_pipeline: Path) -> None:
+    """A flow run in a fresh DVC repository: every output file (lineage.json included), every metrics file and
+    dvc.lock equal `dvc repro`'s, and `dvc status` is clean after it. A second run runs nothing; after one
+    param of a late stage changes, exactly that stage and its DAG descendants run, and DVC agrees again."""
     from prefect.client.orchestration import get_client
 
+    from flows.dag import stage_order
     from flows.pipeline import pipeline
 
-    flow_repo = make_repo(tmp_path / "flow", eos_share, dvc=False)
+    flow_repo = make_repo(tmp_path / "flow", eos_share)
     shrink_params(flow_repo)
-
-    from flows.dag import stage_order
 
     results = pipeline(root=str(flow_repo))
     assert [r["stage"] for r in results] == [name for name, _ in stage_order(tiny_pipeline)]
-    assert {r["stage"] for r in results} == STAGES
+    assert {r["stage"] for r in results} == STAGES and all(r["ran"] for r in results)
     outs = [f"data/{r['stage']}" for r in results]
     flow_files, dvc_files = tree_hashes(flow_repo, *outs, "metrics"), tree_hashes(tiny_pipeline, *outs, "metrics")
     assert {f"data/{name}" for name in DATA_FILES} <= set(dvc_files)
     assert flow_files == dvc_files
+    assert (flow_repo / "dvc.lock").read_text() == (tiny_pipeline / "dvc.lock").read_text()
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], flow_repo).stdout
+    assert "Data and pipelines are up to date" in sh(["dvc", "repro", "--dry"], flow_repo).stdout
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts()
@@ -139,6 +151,51 @@ def test_flow_matches_dvc_repro(prefect_harness, tmp_path: Path, eos_share: Path
     events = list(iter_events(flow_repo / "data/lineage/events.jsonl"))
     complete = [e for e in events if e["eventType"] == "COMPLETE"]
     assert complete and complete[-1]["run"]["facets"]["parent"]["job"]["namespace"] == "prefect"
+
+    again = pipeline(root=str(flow_repo))
+    assert [r["stage"] for r in again if r["ran"]] == []
+    assert {r["reason"] for r in again} == {"up to date"}
+
+    set_params(flow_repo, "detail_pca", min_valid=0.45)
+    changed = pipeline(root=str(flow_repo))
+    ran = {r["stage"] for r in changed if r["ran"]}
+    assert ran == {"detail_pca"} | _descendants(flow_repo, "detail_pca")
+    assert ran != STAGES and len(ran) >= 3
+    assert "detail_pca.min_valid" in next(r["reason"] for r in changed if r["stage"] == "detail_pca")
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], flow_repo).stdout
+    forced = pipeline(root=str(flow_repo), stages=["face_model"], force=True)
+    assert [(r["stage"], r["ran"], r["reason"]) for r in forced] == [("face_model", True, "forced")]
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], flow_repo).stdout
+
+
+@pytest.mark.parametrize("runner", ["dask", "ray"])
+def test_flow_maps_shards_on_a_cluster(prefect_harness, tmp_path: Path, eos_share: Path, tiny_pipeline: Path,
+                                       runner: str) -> None:
+    """--runner dask|ray: one Prefect task per shard (named with its item count) on a 2-process local cluster,
+    the same bytes as `dvc repro`'s, and a progress artifact per sharded stage."""
+    pytest.importorskip({"dask": "prefect_dask", "ray": "prefect_ray"}[runner])
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import run_pipeline
+
+    repo = make_repo(tmp_path / runner, eos_share)
+    shrink_params(repo)
+    wanted = ["face_model", "render_expressions", "render_faces"]
+    state = run_pipeline(root=str(repo), stages=wanted, runner=runner, workers=2, return_state=True)
+    assert state.is_completed(), state
+    outs = [f"data/{name}" for name in wanted]
+    assert tree_hashes(repo, *outs) == tree_hashes(tiny_pipeline, *outs)
+    assert "Data and pipelines are up to date" in sh(["dvc", "status", *wanted], repo).stdout
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        progress = [a for a in client.read_artifacts() if a.key == "render-expressions-progress"]
+    names = sorted(r.name for r in runs if r.name.startswith("render_expressions/"))
+    assert names == ["render_expressions/shard-00000 (6 items)", "render_expressions/shard-00001 (6 items)"]
+    assert any(r.name.startswith("render_faces/shard-") for r in runs)
+    assert all(r.state.is_completed() for r in runs)
+    assert progress and progress[0].data == 100.0
 
 
 def _task_runs(state) -> list[tuple[str, int]]:

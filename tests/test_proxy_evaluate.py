@@ -19,6 +19,7 @@ from facedetail.proxy.evaluate import (
     eos_comparison,
     expected_outcomes,
     fixed_landmark_error,
+    fixed_landmark_errors,
     proxy_metrics,
     summarize,
     truth_metrics,
@@ -26,11 +27,11 @@ from facedetail.proxy.evaluate import (
 from facedetail.proxy.fit import FitConfig, ProxyFitter
 from facedetail.proxy.inputs import LoadConfig
 from facedetail.proxy.pipeline import OK, QUARANTINED, fit_to_photo, project_row
-from facedetail.proxy.sheet import DETECTED_GREEN, fit_sheet
+from facedetail.proxy.sheet import PAD_GREY, face_crop_box, fit_sheet
+from facedetail.render.faces import boundary_loops
 from facedetail.render.sheet import LABEL_HEIGHT
 
 SIZE = (200, 160)  # photo width, height
-FIT_SCALE = 256 / 200
 
 
 def _rotation(yaw_deg: float) -> np.ndarray:
@@ -39,15 +40,16 @@ def _rotation(yaw_deg: float) -> np.ndarray:
 
 
 def _row(path: str, alpha: np.ndarray, beta: np.ndarray, yaw: float, *, decode_scale: float = 1.0,
-         size: tuple[int, int] = SIZE, camera_scale: float = 0.8) -> dict[str, Any]:
-    """A fitted proxies.parquet row with a scaled orthographic camera centred in a photo of ``size``."""
-    fit_frame = 256 / (max(size) * decode_scale)
+         size: tuple[int, int] = SIZE, camera_scale: float = 0.6) -> dict[str, Any]:
+    """A fitted proxies.parquet row with a scaled orthographic camera (decoded px, y up) centred in a photo
+    of ``size``."""
     return {"id": Path(path).stem, "path": path, "status": OK, "reason": None,
             "alpha": np.asarray(alpha, float).tolist(), "beta": np.asarray(beta, float).tolist(),
-            "camera_scale": camera_scale, "camera_rotation": _rotation(yaw).ravel().tolist(),
-            "camera_translation": [size[0] * decode_scale * fit_frame / 2, -size[1] * decode_scale * fit_frame / 2],
-            "decode_scale": decode_scale, "fit_frame_scale": fit_frame, "yaw_deg": yaw, "pitch_deg": 0.0,
-            "roll_deg": 0.0, "reprojection_px": 1.0, "texture_coverage": 0.5, "load_notes": []}
+            "camera_scale": camera_scale * decode_scale, "camera_rotation": _rotation(yaw).ravel().tolist(),
+            "camera_translation": [size[0] * decode_scale / 2, -size[1] * decode_scale / 2],
+            "decode_scale": decode_scale, "fit_frame_scale": 1.0, "face_frame_scale": 1.0, "yaw_deg": yaw,
+            "pitch_deg": 0.0, "roll_deg": 0.0, "reprojection_px": 1.0, "nme": 0.02, "texture_coverage": 0.5,
+            "load_notes": []}
 
 
 def _true_landmarks(model: MorphableModel, row: dict[str, Any]) -> np.ndarray:
@@ -81,14 +83,14 @@ def _truth_table(path: Path, faces: list[dict[str, Any]]) -> Path:
 def _fitted(model: MorphableModel, faces: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows as the pipeline writes them for ProxyFitter's fits of the faces' true landmarks."""
     lm = np.array([np.reshape(f["landmarks"], (68, 2)) for f in faces])
-    result = ProxyFitter(model, FitConfig()).fit(lm, np.array([SIZE] * len(faces), float),
-                                                 np.array([f["beta"] for f in faces]))
+    result = ProxyFitter(model, FitConfig()).fit(lm, np.array([f["beta"] for f in faces]))
     angles = result.cameras.angles_deg()
     return [{**f, "alpha": result.alpha[i].tolist(), "beta": result.beta[i].tolist(),
              "camera_scale": float(result.cameras.scale[i]),
              "camera_rotation": result.cameras.rotation[i].ravel().tolist(),
              "camera_translation": result.cameras.translation[i].tolist(), "yaw_deg": float(angles[i, 0]),
-             "reprojection_px": float(result.reprojection_px[i])} for i, f in enumerate(faces)]
+             "reprojection_px": float(result.reprojection_px[i]), "nme": float(result.nme[i]),
+             "face_frame_scale": float(result.face_frame_scale[i])} for i, f in enumerate(faces)]
 
 
 def test_reason_kind_and_summarize() -> None:
@@ -108,9 +110,14 @@ def test_fixed_landmark_error_is_zero_on_the_fits_own_landmarks(sfm_model: Morph
     own = np.array([fit_to_photo(project_row(sfm_model.landmarks(a, b), r), r)
                     for a, b, r in zip(alphas, betas, rows, strict=True)])  # NaN where undefined: not counted
     np.testing.assert_allclose(fixed_landmark_error(sfm_model, rows, alphas, betas, own), 0, atol=1e-9)
-    # 5 original-photo px (3, 4) off: 5 · decode_scale · fit_frame_scale px in the fitting frame.
+    # 5 original-photo px (3, 4) off: 5 · decode_scale px in the camera frame (the decoded photo's).
     err = fixed_landmark_error(sfm_model, rows, alphas, betas, own + np.array([3.0, 4.0]))
-    np.testing.assert_allclose(err, [5 * FIT_SCALE, 5 * 0.5 * rows[1]["fit_frame_scale"]], rtol=1e-9)
+    np.testing.assert_allclose(err, [5.0, 5 * 0.5], rtol=1e-9)
+    # ... and 5 original px, or 5 / outer-eye-corner distance, whatever the decode scale.
+    rows = [{**r, "landmarks": (o + np.array([3.0, 4.0])).ravel().tolist()} for r, o in zip(rows, own, strict=True)]
+    px, nme = fixed_landmark_errors(sfm_model, rows)
+    np.testing.assert_allclose(px, 5.0, rtol=1e-9)
+    np.testing.assert_allclose(nme, 5.0 / np.linalg.norm(own[:, 36] - own[:, 45], axis=1), rtol=1e-9)
     # The other face's shape is measurably off.
     assert fixed_landmark_error(sfm_model, rows, alphas[::-1], betas, own).min() > 1.0
 
@@ -143,9 +150,12 @@ def test_truth_metrics_of_exact_fits(sfm_model: MorphableModel, faces: list[dict
             for f in faces]
     m = truth_metrics(truth, sfm_model, good, FitConfig())
     assert m["matched"] == 2
-    assert m["detector_landmark_error_px"] == {"n": 2, **dict.fromkeys(("mean", "median", "p90"),
-                                                                      round(5 * FIT_SCALE, 4))}
-    assert m["fit_vs_true_landmarks_px"]["mean"] == 0.0  # the fit is the truth
+    assert m["detector_landmark_error_px"] == {"n": 2, **dict.fromkeys(("mean", "median", "p90"), 5.0)}
+    true_lm = np.array([np.reshape(f["landmarks"], (68, 2)) for f in faces[:2]])
+    nme = 5.0 / np.linalg.norm(true_lm[:, 36] - true_lm[:, 45], axis=1)  # over the true eye distance
+    assert m["detector_landmark_nme"]["mean"] == round(float(nme.mean()), 4)
+    # The fit is the truth.
+    assert m["fit_vs_true_landmarks_px"]["mean"] == m["fit_vs_true_landmarks_nme"]["mean"] == 0.0
     assert m["yaw_error_deg"]["mean"] == 2.0 and m["pitch_error_deg"]["mean"] == 0.0
     assert m["shape_error_mm"]["mean"] == 0.0 and m["beta_mae"] == 0.0
     gt_alpha = np.array([f["alpha"] for f in faces[:2]])
@@ -154,7 +164,7 @@ def test_truth_metrics_of_exact_fits(sfm_model: MorphableModel, faces: list[dict
     gt_beta = np.array([f["beta"] for f in faces[:2]])
 
     def refit_error(landmarks: np.ndarray) -> float:
-        fit = ProxyFitter(sfm_model, FitConfig()).fit(landmarks, np.array([SIZE] * 2, float), gt_beta)
+        fit = ProxyFitter(sfm_model, FitConfig()).fit(landmarks, gt_beta)
         return round(float(np.linalg.norm(sfm_model.vertices(fit.alpha) - sfm_model.vertices(gt_alpha),
                                           axis=2).mean()), 4)
 
@@ -173,12 +183,34 @@ def test_eos_comparison_on_the_same_landmarks(sfm_model: MorphableModel, faces: 
                                               eos_share: Path) -> None:
     pytest.importorskip("eos")
     good = _fitted(sfm_model, faces[:2])
-    m = eos_comparison(eos_share, sfm_model, good, 256)
-    assert m["compared"] == 2 and m["ours_px"]["n"] == m["eos_px"]["n"] == 2
-    # Noise-free landmarks: both fits land within a few px.
-    assert 0 < m["ours_px"]["mean"] < 3 and 0 < m["eos_px"]["mean"] < 5
-    assert m["ratio_mean"] == pytest.approx(m["ours_px"]["mean"] / m["eos_px"]["mean"], rel=1e-3)
-    assert m["within_5_percent"] is (m["ratio_mean"] <= 1.05)
+    m, columns = eos_comparison(eos_share, sfm_model, good, 100.0)
+    assert m["compared"] == 2 and m["ours_nme"]["n"] == m["eos_nme"]["n"] == m["eos_px"]["n"] == 2
+    # Noise-free landmarks: both fits land within a few percent of the eye distance.
+    assert 0 < m["ours_nme"]["mean"] < 0.04 and 0 < m["eos_nme"]["mean"] < 0.06
+    ours = fixed_landmark_errors(sfm_model, good)[1]
+    theirs = [columns[g["id"]]["eos_fixed_nme"] for g in good]
+    assert m["ratio_mean"] == pytest.approx(ours.mean() / np.mean(theirs), abs=1e-4)
+    assert m["within_5_percent"] is (m["ratio_mean"] <= 1.05) and m["verdict"]
+    assert set(columns) == {g["id"] for g in good}
+    for g in good:
+        c = columns[g["id"]]
+        eyes = np.linalg.norm(np.subtract(*np.reshape(g["landmarks"], (68, 2))[[36, 45]]))
+        assert c["eos_fixed_nme"] == pytest.approx(c["eos_fixed_error_px"] / eyes, rel=1e-9)
+
+
+def test_eos_pose_angles_are_degrees_in_a_plausible_range(sfm_model: MorphableModel, faces: list[dict[str, Any]],
+                                                          eos_share: Path) -> None:
+    """eos's get_yaw_pitch_roll() is in degrees already (converting it again gave values like -3076°)."""
+    pytest.importorskip("eos")
+    good = _fitted(sfm_model, faces)
+    _, columns = eos_comparison(eos_share, sfm_model, good, 100.0)
+    for f in faces:
+        c = columns[f["id"]]
+        assert all(-90 <= c[k] <= 90 for k in ("eos_yaw_deg", "eos_pitch_deg", "eos_roll_deg")), c
+        # Yaw 0, 20 and -25 degrees (pitch and roll 0): eos sees the turn, in our sign convention, within
+        # 15 degrees (its fit of these landmarks is looser than ours), and little pitch or roll.
+        assert abs(c["eos_yaw_deg"] - f["yaw_deg"]) < 15, (f["yaw_deg"], c)
+        assert abs(c["eos_pitch_deg"]) < 10 and abs(c["eos_roll_deg"]) < 5, c
 
 
 def test_proxy_metrics_counts_and_optional_parts(sfm_model: MorphableModel, faces: list[dict[str, Any]],
@@ -189,23 +221,26 @@ def test_proxy_metrics_counts_and_optional_parts(sfm_model: MorphableModel, face
     rows = [*faces[:2], {"id": "blank", "path": "blank.png", "status": QUARANTINED, "reason": "no face detected"},
             {"id": "dark", "path": "dark.png", "status": QUARANTINED, "reason": "no face detected"},
             {"id": "far", "path": "far.png", "status": QUARANTINED, "reason": "fit diverged: 13 px"}]
-    m = proxy_metrics(rows, sfm_model, FitConfig(), astronaut="wild-00001.jpg", expected=expected, truth=truth,
-                      eos_share=None, eos_compare_max=10)
+    m, columns = proxy_metrics(rows, sfm_model, FitConfig(), astronaut="wild-00001.jpg", expected=expected,
+                               truth=truth, eos_share=None, eos_compare_max=10)
     assert (m["photos"], m["fitted"], m["quarantined"]) == (5, 2, 3)
     assert m["quarantine_reasons"] == {"fit diverged": 1, "no face detected": 2}
     assert m["fit"] == {"expression": "prior", "iterations": 10}
+    assert set(columns) == {"wild-00000", "wild-00001"} and set(columns["wild-00000"]) == {"fixed_error_px",
+                                                                                           "fixed_nme"}
+    assert m["nme"]["mean"] == 0.02
     assert m["reprojection_px"]["mean"] == 1.0 and m["texture_coverage"] == {"n": 2, "mean": 0.5, "median": 0.5,
                                                                               "p90": 0.5}
-    assert m["astronaut"] == {"status": OK, "reason": None, "reprojection_px": 1.0, "beta_prior_label": None,
-                              "yaw_deg": 20.0}
+    assert m["astronaut"] == {"status": OK, "reason": None, "nme": 0.02, "reprojection_px": 1.0,
+                              "beta_prior_label": None, "yaw_deg": 20.0}
     assert m["expected_outcomes"]["as_expected"] == 1 and m["truth"]["matched"] == 2
     assert "eos" not in m  # no share folder given
-    m = proxy_metrics(rows, sfm_model, FitConfig(expression="free"), astronaut="missing.png",
-                      expected=tmp_path / "none.parquet", truth=None, eos_share=tmp_path, eos_compare_max=0)
+    m, _ = proxy_metrics(rows, sfm_model, FitConfig(expression="free"), astronaut="missing.png",
+                         expected=tmp_path / "none.parquet", truth=None, eos_share=tmp_path, eos_compare_max=0)
     assert m["fit"] == {"expression": "free", "iterations": 5} and m["astronaut"] is None
     assert not {"expected_outcomes", "truth", "eos"} & set(m)
     assert "astronaut" not in proxy_metrics(rows, sfm_model, FitConfig(), astronaut="", expected=None, truth=None,
-                                            eos_share=None, eos_compare_max=0)
+                                            eos_share=None, eos_compare_max=0)[0]
 
 
 def test_proxy_metrics_compares_the_first_fits_with_eos(sfm_model: MorphableModel, faces: list[dict[str, Any]],
@@ -213,49 +248,85 @@ def test_proxy_metrics_compares_the_first_fits_with_eos(sfm_model: MorphableMode
     pytest.importorskip("eos")
     rows = [{"id": "blank", "path": "blank.png", "status": QUARANTINED, "reason": "no face detected"},
             *_fitted(sfm_model, faces)]
-    m = proxy_metrics(rows, sfm_model, FitConfig(), astronaut=None, expected=None, truth=None, eos_share=eos_share,
-                      eos_compare_max=2)
-    assert m["eos"] == eos_comparison(eos_share, sfm_model, rows[1:3], 256) and m["eos"]["compared"] == 2
+    m, columns = proxy_metrics(rows, sfm_model, FitConfig(), astronaut=None, expected=None, truth=None,
+                               eos_share=eos_share, eos_compare_max=2)
+    summary, theirs = eos_comparison(eos_share, sfm_model, rows[1:3], 100.0)
+    assert m["eos"] == summary and m["eos"]["compared"] == 2
+    # Every fit has our columns; only the two compared have eos's.
+    assert set(columns) == {r["id"] for r in rows[1:]} and "eos_fixed_nme" not in columns[rows[3]["id"]]
+    assert all(columns[i] == {**columns[i], **theirs[i]} for i in theirs)
 
 
-def test_fit_sheet_draws_the_fit_and_the_landmarks(sfm_model: MorphableModel, tmp_path: Path) -> None:
-    # A 384 x 192 photo: the 192 px tile shows it at half size over white padding below.
-    photo = tmp_path / "wide.png"
-    photo.write_bytes(encode_png(np.full((192, 384, 3), 120, np.uint8), 6))
-    row = _row("wide.png", np.zeros(sfm_model.n_shape), np.zeros(sfm_model.n_expression), 0.0, size=(384, 192),
-               camera_scale=0.4)
-    # Landmarks on a grid of tile pixels left of the face: photo px 2·t + 0.5 lands on tile pixel centre t.
-    tile_xy = np.array([(4 + 4 * (i % 17), 70 + 4 * (i // 17)) for i in range(68)])
-    row["landmarks"] = (2 * tile_xy + 0.5).ravel().tolist()
-    tall = tmp_path / "tall.png"
-    tall.write_bytes(encode_png(np.full((384, 192, 3), 60, np.uint8), 6))
-    row2 = {**_row("tall.png", np.zeros(sfm_model.n_shape), np.zeros(sfm_model.n_expression), 30.0,
-                   size=(192, 384), camera_scale=0.4), "id": "tall", "landmarks": row["landmarks"]}
-    items = {"wide": SimpleNamespace(path=photo), "tall": SimpleNamespace(path=tall)}
-    sheet = fit_sheet([row, row2], items, LoadConfig(), sfm_model)  # type: ignore[arg-type]
+def _placed_row(model: MorphableModel, path: str, size: tuple[int, int], centre: tuple[float, float],
+                camera_scale: float, yaw: float = 0.0) -> dict[str, Any]:
+    """A row whose mean face (camera_scale px/mm) sits at ``centre`` (photo px) of a photo of ``size``, with
+    its own landmarks as the detected ones."""
+    row = _row(path, np.zeros(model.n_shape), np.zeros(model.n_expression), yaw, size=size,
+               camera_scale=camera_scale)
+    row["camera_translation"] = [centre[0], -centre[1]]
+    row["landmarks"] = _true_landmarks(model, row).ravel().tolist()
+    return row
+
+
+def test_fit_sheet_crops_each_face_and_draws_the_fit(sfm_model: MorphableModel, tmp_path: Path) -> None:
+    # A small face (about 45 px) in a 1000 x 800 photo, and one at the photo's corner.
+    photo = tmp_path / "big.png"
+    photo.write_bytes(encode_png(np.full((800, 1000, 3), 120, np.uint8), 6))
+    row = _placed_row(sfm_model, "big.png", (1000, 800), (700.0, 200.0), 0.3)
+    corner = {**_placed_row(sfm_model, "big.png", (1000, 800), (10.0, 10.0), 0.3, yaw=20.0), "id": "big#2"}
+    items = {"big": SimpleNamespace(path=photo)}
+    sheet = fit_sheet([row, corner], items, LoadConfig(), sfm_model)  # type: ignore[arg-type]
     assert sheet.dtype == np.uint8 and sheet.shape == (192 + LABEL_HEIGHT, 2 * 192, 3)
     first = sheet[LABEL_HEIGHT:, :192].astype(int)
-    green = np.clip(first[..., 1] - first[..., 0], 0, None).astype(float)
-    for x, y in tile_xy:
-        assert tuple(first[y, x]) == DETECTED_GREEN, (x, y)
-        # Drawn at sub-pixel precision: the dot's centroid is the landmark's position.
-        w = green[y - 1:y + 2, x - 1:x + 2]
-        dy, dx = np.mgrid[-1:2, -1:2]
-        assert abs((w * dx).sum() / w.sum()) < 0.12 and abs((w * dy).sum() / w.sum()) < 0.12, (x, y)
-    red = (first[..., 0] > 200) & (first[..., 1] < 80) & (first[..., 2] < 80)  # outline and landmark vertices
-    ys, xs = np.nonzero(red)
-    assert red.sum() > 50 and 48 - 40 < ys.mean() < 48 + 40 and abs(xs.mean() - 96) < 10  # around the centre
-    assert (first[96:] == 255).all(), "white below the photo"
-    assert (first[:6, :6] == 120).all(), "the photo's own pixels away from the drawing"
+    # The tile is the face's neighbourhood, scaled up: the landmarks span most of it.
+    lm = np.reshape(row["landmarks"], (68, 2))
+    side = face_crop_box(lm, 0.25)[2]
+    assert side < 120, "cropped to the face, not the photo"
+    green = (first[..., 1] > 200) & (first[..., 0] < 80) & (first[..., 2] < 80)
+    ys, xs = np.nonzero(green)
+    assert green.sum() > 60 and np.ptp(xs) > 0.4 * 192 and np.ptp(ys) > 0.4 * 192
+    assert abs(xs.mean() - 96) < 25 and abs(ys.mean() - 96) < 30, "the face in the middle of its tile"
+    red = (first[..., 0] > 200) & (first[..., 1] < 80) & (first[..., 2] < 80)
+    assert red.sum() > 50
+    assert (first[:4, :4] == 120).all(), "the photo's own pixels around the face"
+    # The face at the corner: the crop leaves the photo, which shows as grey padding, not stretched pixels.
     second = sheet[LABEL_HEIGHT:, 192:].astype(int)
-    assert (second[:, 100:] == 255).all() and (second[:6, :6] == 60).all(), "a tall photo is padded on the right"
+    assert (second[:10, :10] == PAD_GREY).all() and (second[-10:, -10:] == 120).all()
     # Same rows, same pixels.
-    assert np.array_equal(fit_sheet([row, row2], items, LoadConfig(), sfm_model), sheet)  # type: ignore[arg-type]
+    assert np.array_equal(fit_sheet([row, corner], items, LoadConfig(), sfm_model), sheet)  # type: ignore[arg-type]
+
+
+def test_fit_sheet_draws_landmarks_at_subpixel_precision(sfm_model: MorphableModel, tmp_path: Path) -> None:
+    photo = tmp_path / "face.png"
+    photo.write_bytes(encode_png(np.full((300, 300, 3), 90, np.uint8), 6))
+    row = _placed_row(sfm_model, "face.png", (300, 300), (170.0, 150.0), 0.6)
+    # Landmarks on a grid left of the face, 11.3 px apart (arbitrary sub-pixel positions).
+    row["landmarks"] = np.array([(3.1 + 11.3 * (i % 4), 40.7 + 11.3 * (i // 4)) for i in range(68)]).ravel().tolist()
+    items = {"face": SimpleNamespace(path=photo)}
+    tile = fit_sheet([row], items, LoadConfig(), sfm_model)[LABEL_HEIGHT:].astype(int)  # type: ignore[arg-type]
+    lm = np.reshape(row["landmarks"], (68, 2))
+    proxy = fit_to_photo(project_row(sfm_model.vertices().astype(np.float64), row), row)
+    outline = max(boundary_loops(sfm_model.triangles), key=len)
+    left, top, side = face_crop_box(np.vstack([lm, proxy[outline]]), 0.25)
+    at = (lm + 0.5 - [left, top]) * 192 / side - 0.5  # tile px of each landmark
+    green = np.clip(tile[..., 1] - tile[..., 0], 0, None).astype(float)
+    # Landmarks away from the proxy's red drawing.
+    checked = 0
+    for x, y in at:
+        cx, cy = round(x), round(y)
+        w = green[cy - 2:cy + 3, cx - 2:cx + 3]
+        if w.sum() == 0 or (tile[cy - 3:cy + 4, cx - 3:cx + 4, 0] > 200).any():
+            continue
+        dy, dx = np.mgrid[-2:3, -2:3]
+        # Drawn at sub-pixel precision: the dot's centroid is the landmark's position.
+        assert abs((w * dx).sum() / w.sum() - (x - cx)) < 0.25 and abs((w * dy).sum() / w.sum() - (y - cy)) < 0.25
+        checked += 1
+    assert checked >= 40
 
 
 def test_fit_sheet_reports_a_photo_that_no_longer_decodes(sfm_model: MorphableModel, tmp_path: Path) -> None:
     (tmp_path / "gone.png").write_bytes(b"")
     row = {**_row("gone.png", np.zeros(sfm_model.n_shape), np.zeros(sfm_model.n_expression), 0.0),
-           "landmarks": [0.0] * 136}
+           "landmarks": [0.0] * 136, "id": "gone#1"}
     with pytest.raises(ValueError, match=r"gone\.png: cannot draw a fit on it"):
         fit_sheet([row], {"gone": SimpleNamespace(path=tmp_path / "gone.png")}, LoadConfig(), sfm_model)  # type: ignore[arg-type]

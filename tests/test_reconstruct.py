@@ -212,3 +212,28 @@ def test_the_page_check_sees_a_script_error(sfm_model, tmp_path: Path) -> None:
     page.write_text("<html><body><script>throw new Error('broken on purpose');</script></body></html>")
     _, log = _open_page(page, tmp_path / "shot.png")
     assert any("broken on purpose" in line for line in _console_errors(log))
+
+
+def test_max_fit_nme_sets_the_fits_nme_bound_and_no_pixel_bound(monkeypatch, tmp_path: Path) -> None:
+    """``--max-fit-nme`` is the divergence check in NME; no photo-px bound is added by the command."""
+    from typer.testing import CliRunner
+
+    import facedetail.reconstruct.photo as photo_mod
+    from facedetail.cli import app
+
+    seen = []
+
+    class Stop(RuntimeError):
+        pass
+
+    def capture(self, model, dictionary, detail_net, config, device) -> None:  # noqa: ANN001
+        seen.append(config)
+        raise Stop("stopped after the config")  # the command reports it and exits 2: no model is loaded
+
+    monkeypatch.setattr(photo_mod.Reconstructor, "__init__", capture)
+    for extra, expected in (([], 0.2), (["--max-fit-nme", "0.07"], 0.07)):
+        run = CliRunner().invoke(app, ["reconstruct", str(tmp_path), "--device", "cpu", *extra])
+        assert run.exit_code == 2 and "stopped after the config" in run.output, run.output
+        assert seen[-1].fit.max_nme == expected and seen[-1].fit.max_reprojection_px is None
+    run = CliRunner().invoke(app, ["reconstruct", str(tmp_path), "--max-fit-error-px", "12"])
+    assert run.exit_code == 2 and "No such option" in run.output

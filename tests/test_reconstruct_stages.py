@@ -91,9 +91,9 @@ def test_the_command_reconstructs_a_photo_and_reports_each_bad_one(tiny_pipeline
     assert run.returncode == 0, run.stdout + run.stderr
     assert {p.name for p in out.iterdir()} >= {"two-face1", "two-face2"}
 
-    # A face smaller than --min-face-px, and a fit that ends above --max-fit-error-px: one line each, exit 1.
+    # A face smaller than --min-face-px, and a fit whose NME ends above --max-fit-nme: one line each, exit 1.
     for option, value, reason in (("--min-face-px", "5000", "failed: face too small"),
-                                  ("--max-fit-error-px", "0.001", "failed: fit diverged")):
+                                  ("--max-fit-nme", "0.0001", "failed: fit diverged: NME")):
         run = sh(["facedetail", "reconstruct", str(good), "-o", str(tmp_path / "o2"), "--levels", "0", option, value,
                   *_models(repo)], tmp_path, check=False)
         assert run.returncode == 1 and reason in run.stdout and "Traceback" not in run.stderr, run.stdout

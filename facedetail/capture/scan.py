@@ -51,6 +51,10 @@ class CaptureError(FacedetailError):
         self.detail = detail
         super().__init__(f"{kind}: {detail}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in a Dask or Ray worker, it is pickled back to the run.
+        return type(self), (self.kind, self.detail)
+
 
 class PhotoInfo(BaseModel):
     """One photo of a capture item, with what is known about how it was taken."""

@@ -252,7 +252,8 @@ def process_items(items: Sequence[CaptureItem], work_dir: Path, key: str,
     for item in todo:
         clear_item(work_dir, item.id)
     built = map_items(partial(_RecordingWorker, worker_factory, work_dir, key),
-                      [(item, digests[item.id]) for item in todo], workers, desc=desc, unit=unit)
+                      [(item, digests[item.id]) for item in todo], workers, desc=desc, unit=unit,
+                      work_dir=work_dir, labels=[item.id for item in todo])
     fresh = {item.id: result for item, result in zip(todo, built, strict=True)}
     results = [fresh[item.id] if result is None else result for item, result in zip(items, found, strict=True)]
     return ItemsReport(results, len(todo), len(items) - len(todo), time.perf_counter() - started)

@@ -3,7 +3,16 @@
 A render's feature is ``[w_e · emotion ‖ w_a · appearance]`` (128 + 136 numbers). With
 ``normalize: scale`` (default) each half is first divided by its mean L2 norm over the
 dictionary's entries, so that the weights trade halves of equal typical size; ``l2`` makes
-every half a unit vector (drops how strong an expression is), ``none`` uses the raw numbers.
+every half a unit vector (drops how strong an expression is); ``standard`` centres every
+dimension and divides it by its spread over the entries (a per-dimension scale), then divides
+each half by the square root of its size so that both halves have unit RMS norm; ``none`` uses
+the raw numbers.
+
+β_prior is the β of the nearest entry (``k: 1``, the original release), or, with ``k > 1``, the
+mean β of the k nearest entries, uniform or weighted by inverse distance (``weighting:
+distance``; a query that coincides with entries takes theirs alone, as scikit-learn's
+``KNeighborsRegressor`` does). The weights and the normalisation are chosen on a validation
+split of the training renders by :mod:`facedetail.dictionary.selection`.
 
 A dictionary folder is self-contained: the FAISS index, the entries (id, label, β, both
 feature halves), the emotion network and ``dictionary.json`` (feature config, scales, and the
@@ -49,8 +58,13 @@ class FeatureConfig(Config):
     """w_e: weight of the 128-D emotion feature."""
     appearance_weight: float = Field(1.0, ge=0.0)
     """w_a: weight of the 136-D landmark-geometry feature."""
-    normalize: Literal["scale", "l2", "none"] = "scale"
-    """scale: divide each half by its mean norm over the entries; l2: unit-norm halves; none: raw."""
+    normalize: Literal["scale", "l2", "standard", "none"] = "scale"
+    """scale: divide each half by its mean norm over the entries; l2: unit-norm halves; standard: per-dimension
+    z-score over the entries (each half then of unit RMS norm); none: raw."""
+    k: int = Field(1, ge=1)
+    """Neighbours whose β make β_prior (1: the nearest entry's β, the original release)."""
+    weighting: Literal["uniform", "distance"] = "uniform"
+    """How the k neighbours' β are averaged: equally, or by inverse distance."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +74,22 @@ class FeatureMaker:
     config: FeatureConfig
     emotion_scale: float = 1.0
     appearance_scale: float = 1.0
+    centre: tuple[float, ...] | None = None
+    """``standard`` mode: per-dimension mean over the entries (264 numbers, emotion first)."""
+    spread: tuple[float, ...] | None = None
+    """``standard`` mode: per-dimension standard deviation over the entries (1 where it is 0)."""
 
     @classmethod
     def fit(cls, config: FeatureConfig, emotion: np.ndarray, appearance: np.ndarray) -> FeatureMaker:
-        """Measure each half's mean norm on the entries (``scale`` mode)."""
+        """Measure each half's mean norm (``scale``) or each dimension's mean and spread (``standard``)."""
+        if config.normalize == "standard":
+            both = np.hstack([np.asarray(emotion, np.float64).reshape(-1, EMOTION_DIM),
+                              np.asarray(appearance, np.float64).reshape(-1, APPEARANCE_DIM)])
+            sd = both.std(axis=0)
+            # A constant dimension carries nothing: left unscaled rather than divided by zero.
+            sd[sd == 0] = 1.0
+            return cls(config, centre=tuple(float(v) for v in both.mean(axis=0)),
+                       spread=tuple(float(v) for v in sd))
         if config.normalize != "scale":
             return cls(config)
         mean_norm = [float(np.linalg.norm(x, axis=1).mean()) or 1.0 for x in (emotion, appearance)]
@@ -78,15 +104,56 @@ class FeatureMaker:
             a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
         elif self.config.normalize == "scale":
             e, a = e / self.emotion_scale, a / self.appearance_scale
+        elif self.config.normalize == "standard":
+            if self.centre is None or self.spread is None:
+                raise FacedetailError("standard normalisation needs the entries' centre and spread (FeatureMaker.fit)")
+            z = (np.hstack([e, a]) - np.asarray(self.centre)) / np.asarray(self.spread)
+            e, a = z[:, :EMOTION_DIM] / np.sqrt(EMOTION_DIM), z[:, EMOTION_DIM:] / np.sqrt(APPEARANCE_DIM)
         return np.hstack([self.config.emotion_weight * e, self.config.appearance_weight * a]).astype(np.float32)
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config.model_dump(mode="json"), "emotion_scale": self.emotion_scale,
-                "appearance_scale": self.appearance_scale}
+        out: dict[str, Any] = {"config": self.config.model_dump(mode="json"), "emotion_scale": self.emotion_scale,
+                               "appearance_scale": self.appearance_scale}
+        if self.centre is not None:
+            out["centre"], out["spread"] = list(self.centre), list(self.spread or ())
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeatureMaker:
-        return cls(FeatureConfig(**data["config"]), float(data["emotion_scale"]), float(data["appearance_scale"]))
+        centre, spread = data.get("centre"), data.get("spread")
+        return cls(FeatureConfig(**data["config"]), float(data["emotion_scale"]), float(data["appearance_scale"]),
+                   tuple(map(float, centre)) if centre is not None else None,
+                   tuple(map(float, spread)) if spread is not None else None)
+
+
+def combine_neighbours(beta: np.ndarray, labels: Sequence[str], distances: np.ndarray, rows: np.ndarray,
+                       weighting: str) -> tuple[np.ndarray, list[str]]:
+    """β_prior and label of each query from its k nearest entries (``rows``/``distances``: (N, k), nearest first).
+
+    β is the (inverse-distance weighted) mean of the neighbours' β; the label is the neighbours' weighted
+    vote, ties going to the nearer neighbour's label. With ``distance`` weighting, a query at distance 0
+    from some entries takes only those (the weights would be infinite).
+    """
+    distances = np.asarray(distances, np.float64)
+    if weighting == "distance":
+        exact = distances <= 0
+        with np.errstate(divide="ignore"):
+            weights = np.where(exact.any(axis=1, keepdims=True), exact.astype(np.float64), 1.0 / distances)
+    elif weighting == "uniform":
+        weights = np.ones_like(distances)
+    else:
+        raise FacedetailError(f"weighting must be uniform or distance, not {weighting!r}")
+    weights /= weights.sum(axis=1, keepdims=True)
+    prior = np.einsum("nk,nkd->nd", weights, np.asarray(beta, np.float64)[rows]).astype(np.float32)
+    voted = []
+    for row, w in zip(rows, weights, strict=True):
+        score: dict[str, float] = {}
+        for entry, weight in zip(row, w, strict=True):
+            score[labels[entry]] = score.get(labels[entry], 0.0) + float(weight)
+        best = max(score.values())
+        # The first label (nearest neighbour first) reaching the best score wins a tie.
+        voted.append(next(labels[e] for e in row if score[labels[e]] == best))
+    return prior, voted
 
 
 @dataclass(frozen=True)
@@ -94,12 +161,13 @@ class PriorBatch:
     """β_prior of a batch of queries."""
 
     beta: np.ndarray
-    """(N, n_expression) float32: the neighbour's β."""
+    """(N, n_expression) float32: the neighbour's β (k = 1) or the k neighbours' weighted mean β."""
     neighbour_ids: list[str]
+    """The nearest entry."""
     labels: list[str]
-    """The neighbour's dominant emotion."""
+    """The neighbour's dominant emotion (k = 1) or the k neighbours' weighted vote."""
     distances: np.ndarray
-    """(N,) distance to the neighbour in the index's metric."""
+    """(N,) distance to the nearest entry in the index's metric."""
 
 
 @dataclass(frozen=True)
@@ -188,11 +256,17 @@ class ExpressionDictionary:
                    framing, network if network.is_file() else None, meta)
 
     def prior_features(self, emotion: np.ndarray, appearance: np.ndarray) -> PriorBatch:
-        """β_prior of each (emotion, appearance) pair: the β of its nearest entry."""
-        distances, ids = self.index.search(self.maker(emotion, appearance), k=1)
-        rows = ids[:, 0]
-        return PriorBatch(self.beta[rows], [self.ids[i] for i in rows], [self.labels[i] for i in rows],
-                          distances[:, 0].astype(np.float32))
+        """β_prior of each (emotion, appearance) pair from its k nearest entries (see :class:`FeatureConfig`)."""
+        config = self.maker.config
+        if config.k > len(self.ids):
+            raise FacedetailError(f"features.k={config.k} exceeds the dictionary's {len(self.ids)} entries")
+        distances, ids = self.index.search(self.maker(emotion, appearance), k=config.k)
+        if config.k == 1:
+            rows = ids[:, 0]
+            return PriorBatch(self.beta[rows], [self.ids[i] for i in rows], [self.labels[i] for i in rows],
+                              distances[:, 0].astype(np.float32))
+        beta, labels = combine_neighbours(self.beta, self.labels, distances, ids, config.weighting)
+        return PriorBatch(beta, [self.ids[i] for i in ids[:, 0]], labels, distances[:, 0].astype(np.float32))
 
     def prior(self, images: Sequence[np.ndarray | Path | str], load: LoadConfig | None = None) -> list[Prior]:
         """β_prior of each photo (RGB/grey uint8 array or file path), one :class:`Prior` per photo, in order.

@@ -1,13 +1,15 @@
 """How good β_prior is: error on held-out renders against baselines, and the astronaut photo's prior.
 
 Baselines are computed in the same run on the same queries, so the numbers compare: the zero β,
-a random entry (seeded), each feature half alone, and an oracle (the entry whose β is closest to
-the truth: the best any 1-nearest-neighbour lookup over these entries could do).
+a random entry (seeded), each feature half alone (with the dictionary's normalisation, k and
+weighting), an oracle (the entry whose β is closest to the truth: the best any
+1-nearest-neighbour lookup over these entries could do), and any further named configs the
+caller passes (e.g. the release's both-halves 1-NN, or the best combination on validation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,23 +24,24 @@ NO_HOLDOUT_NOTE = "no held-out renders (render_faces.holdout_fraction is 0): qua
 
 def prior_quality(dictionary: ExpressionDictionary, features: FeatureConfig, index: IndexConfig, baseline_seed: int,
                   emotion: np.ndarray, appearance: np.ndarray, beta: np.ndarray,
-                  labels: Sequence[str]) -> dict[str, Any]:
+                  labels: Sequence[str], others: Mapping[str, FeatureConfig] | None = None) -> dict[str, Any]:
     """β_prior error (mean |β_prior - β|) and label agreement on held-out renders, against baselines.
 
     ``features``/``index`` are the configs ``dictionary`` was built with (the halves are rebuilt
     from them with exact search); ``emotion``, ``appearance``, ``beta``, ``labels`` describe the
-    held-out queries. With an approximate index (kind other than flat) its recall@1 against exact
-    search is reported too. No queries: a note instead of numbers.
+    held-out queries; ``others`` are further named feature configs measured the same way. With an
+    approximate index (kind other than flat) its recall@1 against exact search is reported too.
+    No queries: a note instead of numbers.
     """
     if len(beta) == 0:
         return {"note": NO_HOLDOUT_NOTE}
     full = dictionary.prior_features(emotion, appearance)
     predictions = {"dictionary": (full.beta, full.labels)}
     exact_index = index.model_copy(update={"kind": "flat"})
-    for name, (w_e, w_a) in (("emotion_only", (1.0, 0.0)), ("appearance_only", (0.0, 1.0))):
-        half = dictionary.rebuilt(features.model_copy(update={"emotion_weight": w_e, "appearance_weight": w_a}),
-                                  exact_index)
-        got = half.prior_features(emotion, appearance)
+    configs = {name: features.model_copy(update={"emotion_weight": w_e, "appearance_weight": w_a})
+               for name, (w_e, w_a) in (("emotion_only", (1.0, 0.0)), ("appearance_only", (0.0, 1.0)))}
+    for name, config in {**configs, **(others or {})}.items():
+        got = dictionary.rebuilt(config, exact_index).prior_features(emotion, appearance)
         predictions[name] = (got.beta, got.labels)
     rng = np.random.default_rng(baseline_seed)
     pick = rng.integers(0, len(dictionary.ids), len(beta))

@@ -117,7 +117,7 @@ def _make_kernel(backend: Backend):
     sad_rows = _make_sad(backend)
     width = _SAD[backend][0]
 
-    @njit(nogil=True, boundscheck=False)
+    @njit(nogil=True, boundscheck=False, cache=True)
     def exact_l1(a, b):
         acc = 0.0
         for t in range(a.shape[0]):

@@ -41,12 +41,28 @@ class DetectorConfig(Config):
     adjust_threshold: float = -0.5
     """Added to the HOG detector's threshold. The renders have no eyeballs or hair, which lowers
     the detector's score: at 0 it misses 20 % of them, at -0.5 about 3 %."""
-    multiple_faces: Literal["highest_score", "largest", "reject"] = "highest_score"
-    """Which face to keep when several are found (``reject``: report the image instead). With the lowered
-    threshold, ``largest`` can pick a false detection: on ``skimage.data.astronaut()`` a 104 px patch of
-    the suit (score -0.05) beats the 87 px face (score 1.53)."""
+    multiple_faces: Literal["highest_score", "largest", "central", "all", "reject"] = "highest_score"
+    """Which face to keep when several are found: ``largest`` (box area), ``highest_score``, ``central``
+    (box centre nearest the image centre), ``all`` (every face; :meth:`LandmarkDetector.find` returns them
+    largest first) or ``reject`` (report the image instead). ``largest`` and ``central`` only consider
+    faces scoring at least ``min_score`` when any does: with the lowered threshold a 104 px patch of
+    the astronaut's suit (score -0.05) is larger than her 87 px face (score 1.53). They choose a face
+    smaller than ``min_face_px`` (then reported as too small) only when no face is large enough."""
+    min_score: float | None = None
+    """Score floor of ``largest`` and ``central`` (see multiple_faces; None = none, ``wild_proxy`` uses 0);
+    a lone face is kept at any score the detector's threshold let through."""
     min_face_px: float = Field(40.0, ge=0)
     """Faces whose box side (in original pixels) is smaller than this are reported, not used."""
+    retry_max_pixels: int = Field(0, ge=0)
+    """When no face is found, detect again on copies twice as large each time (up to and beyond the
+    full resolution), as long as the copy has at most this many pixels (0 = no retry). A pixel budget,
+    not a clock, so that the outcome is the same on every machine; HOG costs about the same time per
+    pixel (see the README for the measured ms per megapixel)."""
+    retry_min_score: float = 0.0
+    """A retry's detections count only at this score or above: an enlarged copy brings out false and
+    partial detections (on the default profile's renders, which dlib misses for their missing eyes and
+    not their size, the retry found 11 "faces" at scores -0.50 to -0.23, with landmark NME 0.06 to
+    0.49 against the truth; the 70 px astronaut face it is meant for scores 1.1)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,8 @@ class FaceLandmarks:
     """(68, 2) float64 iBUG landmarks (x, y) in pixels."""
     faces_found: int
     """How many faces the detector found in the image (the policy picked this one)."""
+    too_small: str | None = None
+    """With ``multiple_faces: all``: why this face is too small to use (None: usable)."""
 
 
 @dataclass(frozen=True)
@@ -103,23 +121,41 @@ class LandmarkDetector:
         self._predictor = dlib.shape_predictor(str(predictor or predictor_path()))
 
     def detect(self, image: np.ndarray) -> Detection:
-        """Find the face chosen by the config's policy and its landmarks."""
+        """Find the face chosen by the config's policy and its landmarks (``all``: the largest)."""
+        found = self.find(image)
+        if isinstance(found, str):
+            return Detection(None, found)
+        return Detection(found[0])
+
+    def find(self, image: np.ndarray) -> list[FaceLandmarks] | str:
+        """The face(s) the config's policy chooses, with landmarks, or the reason there is none.
+
+        One face, except with ``multiple_faces: all``: every face, largest first, each with its own
+        ``too_small`` verdict (a face under ``min_face_px`` is listed, never dropped silently).
+        """
         rgb = as_rgb_uint8(image)
         boxes, scores = self._boxes(rgb)
         if not boxes:
-            return Detection(None, NO_FACE)
+            return NO_FACE
         cfg = self.config
         if len(boxes) > 1 and cfg.multiple_faces == "reject":
-            return Detection(None, f"{SEVERAL_FACES}: {len(boxes)} found")
-        if cfg.multiple_faces == "highest_score":
-            pick = int(np.argmax(scores))
-        else:
-            pick = int(np.argmax([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]))
-        box = boxes[pick]
-        side = min(box[2] - box[0], box[3] - box[1])
-        if side < cfg.min_face_px:
-            return Detection(None, f"{FACE_TOO_SMALL}: {side:.0f} px < min_face_px {cfg.min_face_px:g}")
-        return Detection(FaceLandmarks(box, float(scores[pick]), self._landmarks(rgb, box), len(boxes)))
+            return f"{SEVERAL_FACES}: {len(boxes)} found"
+        sides = [min(b[2] - b[0], b[3] - b[1]) for b in boxes]
+        areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+        if cfg.multiple_faces == "all":
+            order = sorted(range(len(boxes)), key=lambda i: (-areas[i], i))
+            return [FaceLandmarks(boxes[i], scores[i], self._landmarks(rgb, boxes[i]), len(boxes),
+                                  too_small=self._too_small(sides[i])) for i in order]
+        pick = choose_face(boxes, scores, rgb.shape[1], rgb.shape[0], cfg)
+        reason = self._too_small(sides[pick])
+        if reason:
+            return reason
+        return [FaceLandmarks(boxes[pick], scores[pick], self._landmarks(rgb, boxes[pick]), len(boxes))]
+
+    def _too_small(self, side: float) -> str | None:
+        if side < self.config.min_face_px:
+            return f"{FACE_TOO_SMALL}: {side:.0f} px < min_face_px {self.config.min_face_px:g}"
+        return None
 
     def detect_all(self, image: np.ndarray) -> list[FaceLandmarks]:
         """Every detected face at least ``min_face_px`` wide, with landmarks, largest first (for ``--all-faces``)."""
@@ -135,11 +171,28 @@ class LandmarkDetector:
         return FaceLandmarks(tuple(float(v) for v in box), float("nan"), self._landmarks(as_rgb_uint8(image), box), 1)
 
     def _boxes(self, rgb: np.ndarray) -> tuple[list[tuple[float, float, float, float]], list[float]]:
+        cfg = self.config
         h, w = rgb.shape[:2]
-        scale = min(1.0, self.config.detect_max_side / max(h, w))
+        scale = min(1.0, cfg.detect_max_side / max(h, w))
+        boxes, scores = self._boxes_at(rgb, scale, cfg.upsample)
+        # Nothing found: a face may be under dlib's 80 px window at this size. Try copies twice as
+        # large each time (the configured upsampling included) within the pixel budget.
+        effective = scale * 2 ** cfg.upsample
+        while not boxes and w * h * (2 * effective) ** 2 <= cfg.retry_max_pixels:
+            effective *= 2
+            found = [(b, s) for b, s in zip(*self._boxes_at(rgb, effective, 0), strict=True)
+                     if s >= cfg.retry_min_score]
+            boxes, scores = [b for b, _ in found], [s for _, s in found]
+        return boxes, scores
+
+    def _boxes_at(self, rgb: np.ndarray, scale: float,
+                  upsample: int) -> tuple[list[tuple[float, float, float, float]], list[float]]:
+        """Boxes (input pixels) and scores of a detection on ``rgb`` resized by ``scale``."""
+        h, w = rgb.shape[:2]
+        interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
         small = rgb if scale == 1.0 else cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
-                                                    interpolation=cv2.INTER_AREA)
-        rects, scores, _ = self._detector.run(small, self.config.upsample, self.config.adjust_threshold)
+                                                    interpolation=interpolation)
+        rects, scores, _ = self._detector.run(small, upsample, self.config.adjust_threshold)
         boxes = [(r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale) for r in rects]
         return boxes, [float(s) for s in scores]
 
@@ -147,3 +200,27 @@ class LandmarkDetector:
         rect = dlib.rectangle(round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1)
         shape = self._predictor(rgb, rect)
         return np.array([[p.x, p.y] for p in shape.parts()], np.float64)
+
+
+def choose_face(boxes: list[tuple[float, float, float, float]], scores: list[float], width: int, height: int,
+                config: DetectorConfig) -> int:
+    """Index of the face ``config.multiple_faces`` chooses among ``boxes`` (not ``all`` / ``reject``).
+
+    ``highest_score``: the best score, whatever its size (as it always was: the renders' framing relies on
+    it). ``largest`` and ``central``: faces of at least ``min_face_px`` first when any is, and among those
+    only faces scoring at least ``min_score`` when any does. Ties go to the earlier box.
+    """
+    idx = list(range(len(boxes)))
+    if config.multiple_faces == "highest_score":
+        return max(idx, key=lambda i: (scores[i], -i))
+    big = [i for i in idx if min(boxes[i][2] - boxes[i][0], boxes[i][3] - boxes[i][1]) >= config.min_face_px]
+    idx = big or idx
+    if config.min_score is not None:
+        idx = [i for i in idx if scores[i] >= config.min_score] or idx
+    areas = {i: (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]) for i in idx}
+    if config.multiple_faces == "central":
+        def off_centre(i: int) -> float:
+            b = boxes[i]
+            return float(np.hypot((b[0] + b[2]) / 2 - width / 2, (b[1] + b[3]) / 2 - height / 2))
+        return min(idx, key=lambda i: (off_centre(i), -areas[i], i))
+    return max(idx, key=lambda i: (areas[i], -i))

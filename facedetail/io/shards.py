@@ -16,11 +16,8 @@ renamed into place.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
-import multiprocessing as mp
 import os
-import queue
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,7 +28,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from facedetail.errors import InterruptedRunError, SourceFileError
+from facedetail.errors import SourceFileError
 from facedetail.io.atomic import atomic_file, atomic_write_text, remove_temp_files
 from facedetail.io.hashing import canonical_json, sha256_file
 
@@ -39,7 +36,6 @@ SHARD_SUFFIX = ".tar"
 SHARDS_DIR = "shards"
 """Folder of the shards in a stage's output: manifest rows name theirs as ``shards/<file>``."""
 _RECORD_SUFFIX = ".done.json"
-_PROGRESS_EVERY = 10
 
 
 def write_tar_shard(path: Path | str, samples: Iterable[dict[str, Any]]) -> Path:
@@ -148,10 +144,13 @@ class BuildReport:
     reused: int
     seconds: float
     items_built: int
+    executor: str = "local"
+    """Where the shards were built (:mod:`facedetail.io.executors`): ``local``, ``dask``, ``ray``, ``prefect-…``."""
 
     def summary(self) -> dict[str, Any]:
         """Counts and time for a run's printed summary (not for metrics: the time varies)."""
         return {"shards": len(self.records), "shards_built": self.built, "shards_reused": self.reused,
+                "executor": self.executor,
                 "seconds": round(self.seconds, 1),
                 "items_per_s": round(self.items_built / self.seconds, 1) if self.items_built else None}
 
@@ -180,12 +179,18 @@ def completed_record(work_dir: Path, task: ShardTask, key: str) -> ShardRecord |
 
 def build_shards(tasks: Sequence[ShardTask], work_dir: Path, key: str, worker_factory: Callable[[], ShardWorker],
                  workers: int = 1, desc: str = "shards", unit: str = "item") -> BuildReport:
-    """Build every shard not already complete in ``work_dir``, ``workers`` processes at a time.
+    """Build every shard not already complete in ``work_dir`` on the executor in effect, then record it.
 
-    ``worker_factory`` must be picklable (a module-level callable or ``functools.partial``): each
-    process calls it once (e.g. to open a GL context) and then builds shards with the result.
-    A dead worker process raises :class:`InterruptedRunError`; finished shards stay reusable.
+    The executor is :func:`facedetail.io.executors.current_executor`: by default ``workers``
+    processes of this machine; a Dask or Ray cluster when the caller set one. ``worker_factory``
+    must be picklable (a module-level callable or ``functools.partial``): each worker process
+    calls it once (e.g. to open a GL context) and then builds shards with the result. Shards are
+    written by the workers into ``work_dir``; their records by this process, in task order of
+    completion, each as soon as its shard is done, so a kill keeps every finished shard. A dead
+    worker process raises :class:`InterruptedRunError`; finished shards stay reusable.
     """
+    from facedetail.io.executors import current_executor, plan_job
+
     start = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_temp_files(work_dir)  # half-written shards of a killed run
@@ -197,17 +202,17 @@ def build_shards(tasks: Sequence[ShardTask], work_dir: Path, key: str, worker_fa
     todo = [t for t in tasks if t.name not in done]
     reused = len(done)
     total = sum(len(t.item_ids) for t in tasks)
-    with tqdm(total=total, initial=total - sum(len(t.item_ids) for t in todo), desc=desc, unit=unit,
-              dynamic_ncols=True, mininterval=1.0, disable=None) as bar:
-        if workers <= 1 or len(todo) <= 1:
-            worker = worker_factory() if todo else None
-            for task in todo:
-                done[task.name] = _finish(work_dir, key, task, _build_one(worker, task, work_dir, bar.update))
-        else:
-            _build_parallel(todo, work_dir, key, worker_factory, min(workers, len(todo)), bar, done)
+    executor = current_executor(workers)
+    if todo:
+        job = plan_job(worker_factory, _build_one, todo, work_dir, [t.name for t in todo],
+                       [len(t.item_ids) for t in todo], stage=desc)
+        with tqdm(total=total, initial=total - sum(len(t.item_ids) for t in todo), desc=desc, unit=unit,
+                  dynamic_ncols=True, mininterval=1.0, disable=None) as bar:
+            for i, built in executor.run(job, bar.update):
+                done[todo[i].name] = _finish(work_dir, key, todo[i], built)
     records = [done[t.name] for t in tasks]
     return BuildReport(records, len(todo), reused, time.perf_counter() - start,
-                       sum(len(t.item_ids) for t in todo))
+                       sum(len(t.item_ids) for t in todo), executor.name)
 
 
 def _build_one(worker: ShardWorker, task: ShardTask, work_dir: Path,
@@ -226,11 +231,7 @@ def _finish(work_dir: Path, key: str, task: ShardTask, built: tuple[list[dict[st
     return record
 
 
-# --- process pool -----------------------------------------------------------------------------
-
-_WORKER: ShardWorker | None = None
-_QUEUE: Any = None
-
+# --- worker processes -------------------------------------------------------------------------
 
 def one_thread_per_process() -> None:
     """Keep a pool process on one core: the pool already runs one process per core.
@@ -247,63 +248,3 @@ def one_thread_per_process() -> None:
     os.environ.setdefault("LP_NUM_THREADS", "0")
     cv2.setNumThreads(1)
     threadpool_limits(1)
-
-
-def _init_process(factory: Callable[[], ShardWorker], progress_queue: Any) -> None:
-    global _WORKER, _QUEUE
-    one_thread_per_process()
-    _QUEUE = progress_queue
-    _WORKER = factory()
-
-
-def _process_task(task: ShardTask, work_dir: Path) -> tuple[list[dict[str, Any]], str, int]:
-    pending = 0
-
-    def progress(n: int) -> None:
-        nonlocal pending
-        pending += n
-        if pending >= _PROGRESS_EVERY:
-            _QUEUE.put(pending)
-            pending = 0
-
-    result = _build_one(_WORKER, task, work_dir, progress)
-    if pending:
-        _QUEUE.put(pending)
-    return result
-
-
-def _build_parallel(todo: Sequence[ShardTask], work_dir: Path, key: str, factory: Callable[[], ShardWorker],
-                    workers: int, bar: tqdm, done: dict[str, ShardRecord]) -> None:
-    # spawn, not fork: a forked child would share the parent's OpenGL and BLAS state.
-    total = len(done) + len(todo)
-    ctx = mp.get_context("spawn")
-    progress_queue = ctx.Queue()
-    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_process,
-                                  initargs=(factory, progress_queue))
-    try:
-        futures = {pool.submit(_process_task, task, work_dir): task for task in todo}
-        pending = set(futures)
-        while pending:
-            finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
-            _drain(progress_queue, bar)
-            for future in finished:
-                task = futures[future]
-                try:
-                    done[task.name] = _finish(work_dir, key, task, future.result())
-                except cf.process.BrokenProcessPool as err:
-                    raise InterruptedRunError(
-                        f"a worker process died while building {task.name} ({err}); {len(done)} of "
-                        f"{total} shards are finished in {work_dir} and will be "
-                        "re-used: run again to resume") from None
-        _drain(progress_queue, bar)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        progress_queue.close()
-
-
-def _drain(progress_queue: Any, bar: tqdm) -> None:
-    while True:
-        try:
-            bar.update(progress_queue.get_nowait())
-        except queue.Empty:
-            return

@@ -1,8 +1,8 @@
 """eos-py's ``fit_shape_and_pose`` on the Surrey model: the reference our fitter is measured against.
 
 eos fits one image at a time (camera, contour correspondence with occluding edges, identity with
-λ_identity, blendshapes by NNLS), in C++. We run it on the same landmarks, in the same fitting
-frame, and measure its reprojection error on the same landmarks as ours.
+λ_identity, blendshapes by NNLS), in C++. We run it on the same landmarks, in the same face-normalised
+frame as ours (facedetail.proxy.evaluate.eos_comparison), and measure its error on the same landmarks.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class EosFit:
     projected: np.ndarray
     """(V, 2) all vertices projected with eos's fitted camera."""
     yaw_deg: float
+    """eos's ``RenderingParameters.get_yaw_pitch_roll()``, which is in degrees already."""
+    pitch_deg: float
+    roll_deg: float
 
 
 class EosFitter:
@@ -65,5 +68,7 @@ class EosFitter:
         ndc = clip[:, :3] / clip[:, 3:]
         # glm::project with eos's viewport (0, height, width, -height): y grows downwards.
         projected = np.c_[width * (ndc[:, 0] * 0.5 + 0.5), height - height * (ndc[:, 1] * 0.5 + 0.5)]
-        yaw = float(np.degrees(pose.get_yaw_pitch_roll()[0])) if hasattr(pose, "get_yaw_pitch_roll") else np.nan
-        return EosFit(np.asarray(alpha), np.asarray(beta), projected, yaw)
+        # get_yaw_pitch_roll() returns degrees (glm::degrees of the rotation's Euler angles); converting
+        # them again gave values like -3076°.
+        yaw, pitch, roll = (float(v) for v in pose.get_yaw_pitch_roll())
+        return EosFit(np.asarray(alpha), np.asarray(beta), projected, yaw, pitch, roll)

@@ -9,8 +9,12 @@ Three optional checks go beyond the rows' own numbers:
 * **ground truth**: a synthetic set's ``truth.parquet`` (α, β, pose and landmarks per file): landmark,
   pose, shape and expression errors, with the same fit also run on the true landmarks, which
   separates the detector's error from the fitter's;
-* **eos-py**: eos's ``fit_shape_and_pose`` on the same landmarks, in the same fitting frame, and the
-  landmark error of both fits on the landmarks with a fixed vertex.
+* **eos-py**: eos's ``fit_shape_and_pose`` on the same landmarks, in the same face-normalised frame
+  as ours (same scale, so the same regularisation balance), and the landmark error of both fits on
+  the landmarks with a fixed vertex, per photo and summarised.
+
+Errors are NME (mean point error over the outer-eye-corner distance, iBUG 37-46: the 300-W
+convention; against the truth, the true landmarks' distance) and px of the original photo.
 
 Every number is rounded (4 decimals) so that equal fits give byte-identical metrics files.
 """
@@ -26,11 +30,14 @@ import pyarrow.parquet as pq
 
 from facedetail.io.tables import reason_kind
 from facedetail.model.morphable import MorphableModel
-from facedetail.proxy.fit import FitConfig, ProxyFitter
-from facedetail.proxy.pipeline import OK, photo_to_fit, project_row
+from facedetail.proxy.fit import FitConfig, ProxyFitter, outer_eye_distance
+from facedetail.proxy.pipeline import OK, photo_to_fit, project_row, to_decoded
 
-__all__ = ["eos_comparison", "expected_outcomes", "fixed_landmark_error", "proxy_metrics",
+__all__ = ["eos_comparison", "expected_outcomes", "fixed_landmark_error", "fixed_landmark_errors", "proxy_metrics",
            "summarize", "truth_metrics"]
+
+EOS_COLUMNS = ("eos_fixed_error_px", "eos_fixed_nme", "eos_yaw_deg", "eos_pitch_deg", "eos_roll_deg")
+"""The per-photo proxies.parquet columns :func:`eos_comparison` fills."""
 
 
 def summarize(values: np.ndarray) -> dict[str, float]:
@@ -46,8 +53,8 @@ def summarize(values: np.ndarray) -> dict[str, float]:
 
 def fixed_landmark_error(model: MorphableModel, rows: list[dict[str, Any]], alphas: np.ndarray, betas: np.ndarray,
                          target: np.ndarray) -> np.ndarray:
-    """(N,) mean distance, in fitting-frame px, between each fit's projected fixed-vertex landmarks
-    and ``target`` (N, 68, 2) photo pixels.
+    """(N,) mean distance, in camera-frame px (the decoded photo's), between each fit's projected
+    fixed-vertex landmarks and ``target`` (N, 68, 2) photo pixels.
 
     Row ``i`` gives the camera and frames, ``alphas[i]`` / ``betas[i]`` the shape; only the landmarks
     the model defines by one vertex count (the contour ones slide with pose).
@@ -58,6 +65,20 @@ def fixed_landmark_error(model: MorphableModel, rows: list[dict[str, Any]], alph
         xy = project_row(model.vertices(alphas[i], betas[i])[ids], r)
         out[i] = np.linalg.norm(xy - photo_to_fit(target[i][model.landmark_defined], r), axis=1).mean()
     return out
+
+
+def fixed_landmark_errors(model: MorphableModel, rows: list[dict[str, Any]],
+                          target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) original-photo px and (N,) NME of each fitted row's fixed-vertex landmarks against ``target``
+    (N, 68, 2) photo px (default: the row's own detected landmarks, whose eye distance is the normaliser)."""
+    if not rows:
+        return np.zeros(0), np.zeros(0)
+    detected = np.array([np.asarray(r["landmarks"], np.float64).reshape(68, 2) for r in rows])
+    target = detected if target is None else np.asarray(target, np.float64)
+    decoded_px = fixed_landmark_error(model, rows, np.array([r["alpha"] for r in rows]),
+                                      np.array([r["beta"] for r in rows]), target)
+    scale = np.array([r["decode_scale"] for r in rows], np.float64)
+    return decoded_px / scale, decoded_px / (outer_eye_distance(target) * scale)
 
 
 def expected_outcomes(path: Path, by_path: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -104,19 +125,22 @@ def truth_metrics(path: Path, model: MorphableModel, good: list[dict[str, Any]],
     beta_gt = np.array([g["beta"] for g in gts])
     lm_gt = np.array([np.asarray(g["landmarks"], np.float64).reshape(68, 2) for g in gts])
     lm_det = np.array([np.asarray(f["landmarks"]).reshape(68, 2) for f in fits])
-    to_fit = np.array([f["fit_frame_scale"] * f["decode_scale"] for f in fits])
+    eyes = outer_eye_distance(lm_gt)
+
+    vs_truth_px, vs_truth_nme = fixed_landmark_errors(model, list(fits), lm_gt)
 
     def shape_error(alpha: np.ndarray) -> np.ndarray:
         return np.linalg.norm(model.vertices(alpha) - model.vertices(alpha_gt), axis=2).mean(axis=1)
 
-    sizes = np.array([(g["width"], g["height"]) for g in gts], np.float64)
-    on_truth = ProxyFitter(model, fit).fit(lm_gt, sizes, beta_fit)
+    on_truth = ProxyFitter(model, fit).fit(lm_gt, beta_fit)
     pose = {f"{k[:-4]}_error_deg": summarize(np.abs(np.array([f[k] for f in fits]) - np.array([g[k] for g in gts])))
             for k in ("yaw_deg", "pitch_deg", "roll_deg")}
     return {
         "matched": len(matched),
-        "detector_landmark_error_px": summarize(np.linalg.norm(lm_det - lm_gt, axis=2).mean(axis=1) * to_fit),
-        "fit_vs_true_landmarks_px": summarize(fixed_landmark_error(model, list(fits), alpha_fit, beta_fit, lm_gt)),
+        "detector_landmark_nme": summarize(np.linalg.norm(lm_det - lm_gt, axis=2).mean(axis=1) / eyes),
+        "detector_landmark_error_px": summarize(np.linalg.norm(lm_det - lm_gt, axis=2).mean(axis=1)),
+        "fit_vs_true_landmarks_nme": summarize(vs_truth_nme),
+        "fit_vs_true_landmarks_px": summarize(vs_truth_px),
         **pose,
         "shape_error_mm": summarize(shape_error(alpha_fit)),
         "shape_error_mm_fit_on_true_landmarks": summarize(shape_error(on_truth.alpha)),
@@ -126,34 +150,52 @@ def truth_metrics(path: Path, model: MorphableModel, good: list[dict[str, Any]],
     }
 
 
-def eos_comparison(share: Path, model: MorphableModel, good: list[dict[str, Any]], fit_size: int) -> dict[str, Any]:
+def eos_comparison(share: Path, model: MorphableModel, good: list[dict[str, Any]],
+                   face_size: float) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """eos-py's fit_shape_and_pose (Surrey model from the eos ``share`` folder) on the landmarks of the
-    fitted rows ``good``; both fits' error on the landmarks with fixed vertices, in fitting-frame px."""
+    fitted rows ``good``, in our face-normalised frame; both fits' error on the landmarks with a fixed vertex.
+
+    Returns the summary (NME and original-photo px of both, the ratio of the means) and, per row id,
+    the :data:`EOS_COLUMNS` values.
+    """
     # Imported here: eos is only needed (and only installed) where the comparison runs.
     from facedetail.proxy.eos_reference import EosFitter
 
     eos = EosFitter(share)
     ids = model.landmark_vertices[model.landmark_defined]
-    theirs = []
+    canvas = int(np.ceil(4 * face_size))
+    theirs_px, theirs_nme, columns = [], [], {}
     for r in good:
-        # eos gets the landmarks in the same fitting frame, as a fit_size x fit_size image (y down).
-        lm = photo_to_fit(np.asarray(r["landmarks"], np.float64).reshape(68, 2), r) * [1, -1]
-        fit = eos.fit(lm, fit_size, fit_size)
-        theirs.append(np.linalg.norm(fit.projected[ids] - lm[model.landmark_defined], axis=1).mean())
-    alphas = np.array([r["alpha"] for r in good])
-    betas = np.array([r["beta"] for r in good])
-    ours = fixed_landmark_error(model, good, alphas, betas,
-                                np.array([np.asarray(r["landmarks"]).reshape(68, 2) for r in good]))
-    ratio = float(np.mean(ours) / np.mean(theirs))
-    return {"compared": len(good), "ours_px": summarize(ours), "eos_px": summarize(np.array(theirs)),
-            "ratio_mean": round(ratio, 4), "within_5_percent": bool(ratio <= 1.05)}
+        # eos gets the very landmarks we fitted, moved to our face frame (face_size px, as a canvas x canvas
+        # image, y down): the same resolution, so the same balance of data term and prior as ours.
+        lm = to_decoded(np.asarray(r["landmarks"], np.float64).reshape(68, 2), r["decode_scale"])
+        k = float(r["face_frame_scale"])
+        framed = (lm - lm.mean(axis=0)) * k + canvas / 2
+        fit = eos.fit(framed, canvas, canvas)
+        decoded_px = float(np.linalg.norm(fit.projected[ids] - framed[model.landmark_defined], axis=1).mean()) / k
+        theirs_px.append(decoded_px / r["decode_scale"])
+        theirs_nme.append(decoded_px / float(outer_eye_distance(lm[None])[0]))
+        columns[r["id"]] = {"eos_fixed_error_px": theirs_px[-1], "eos_fixed_nme": theirs_nme[-1],
+                            "eos_yaw_deg": fit.yaw_deg, "eos_pitch_deg": fit.pitch_deg, "eos_roll_deg": fit.roll_deg}
+    ours_px, ours_nme = fixed_landmark_errors(model, good)
+    ratio = float(np.mean(ours_nme) / np.mean(theirs_nme))
+    better = int((ours_nme < np.array(theirs_nme)).sum())
+    summary = {"compared": len(good), "frame": f"face-normalised ({face_size:g} px), the same landmarks",
+               "ours_nme": summarize(ours_nme), "eos_nme": summarize(np.array(theirs_nme)),
+               "ours_px": summarize(ours_px), "eos_px": summarize(np.array(theirs_px)),
+               "ratio_mean": round(ratio, 4), "ours_better_photos": better,
+               "within_5_percent": bool(ratio <= 1.05),
+               "verdict": ("parity (means within 5 %)" if abs(ratio - 1) <= 0.05 else
+                           f"ours {'lower' if ratio < 1 else 'higher'} by {abs(ratio - 1) * 100:.0f} %")}
+    return summary, columns
 
 
 def proxy_metrics(rows: list[dict[str, Any]], model: MorphableModel, fit: FitConfig, *, astronaut: str | None,
                   expected: Path | None, truth: Path | None, eos_share: Path | None,
-                  eos_compare_max: int) -> dict[str, Any]:
-    """The metrics of a run: counts, quarantine reasons, reprojection and texture coverage of the fits,
-    and the optional checks.
+                  eos_compare_max: int) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """The metrics of a run (counts, quarantine reasons, NME, reprojection and texture coverage of the
+    fits, and the optional checks), and per fitted row id its comparison columns (``fixed_error_px``,
+    ``fixed_nme`` and, for the rows compared with eos, :data:`EOS_COLUMNS`).
 
     ``astronaut``: the listed path of a photo reported on its own ('' or None: none). ``expected`` /
     ``truth``: tables for :func:`expected_outcomes` / :func:`truth_metrics`, each skipped when None or
@@ -167,6 +209,7 @@ def proxy_metrics(rows: list[dict[str, Any]], model: MorphableModel, fit: FitCon
         "quarantine_reasons": dict(sorted(reasons.items())),
         "fit": {"expression": fit.expression, "iterations": fit.iterations_prior
                 if fit.expression == "prior" else fit.iterations_free},
+        "nme": summarize(np.array([r["nme"] for r in good])),
         "reprojection_px": summarize(np.array([r["reprojection_px"] for r in good])),
         "texture_coverage": summarize(np.array([r["texture_coverage"] for r in good])),
     }
@@ -174,12 +217,18 @@ def proxy_metrics(rows: list[dict[str, Any]], model: MorphableModel, fit: FitCon
     if astronaut:
         a = by_path.get(astronaut)
         out["astronaut"] = None if a is None else {
-            "status": a["status"], "reason": a.get("reason"), "reprojection_px": a.get("reprojection_px"),
+            "status": a["status"], "reason": a.get("reason"), "nme": a.get("nme"),
+            "reprojection_px": a.get("reprojection_px"),
             "beta_prior_label": a.get("beta_prior_label"), "yaw_deg": a.get("yaw_deg")}
     if expected is not None and expected.is_file():
         out["expected_outcomes"] = expected_outcomes(expected, by_path)
     if truth is not None and truth.is_file():
         out["truth"] = truth_metrics(truth, model, good, fit)
+    fixed_px, fixed_nme = fixed_landmark_errors(model, good)
+    columns = {r["id"]: {"fixed_error_px": float(p), "fixed_nme": float(n)}
+               for r, p, n in zip(good, fixed_px, fixed_nme, strict=True)}
     if eos_share is not None and eos_compare_max and good:
-        out["eos"] = eos_comparison(eos_share, model, good[:eos_compare_max], fit.fit_size)
-    return out
+        out["eos"], theirs = eos_comparison(eos_share, model, good[:eos_compare_max], fit.face_size)
+        for row_id, values in theirs.items():
+            columns[row_id].update(values)
+    return out, columns

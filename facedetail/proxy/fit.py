@@ -1,8 +1,20 @@
 """Batched proxy fitting: Gold Standard affine camera, nearest rotation, regularised shape LSQ.
 
-Everything works on a batch of B images at once, in float64 numpy, in the *fitting frame*: the
-photo scaled so that its longer side is ``fit_size`` (256) pixels, x right and **y up** (the
-image's y is flipped, so that the camera's 2x3 matrix is a scaled rotation, not a reflection).
+Everything works on a batch of B images at once, in float64 numpy, in a *face-normalised fitting
+frame*: each face's landmarks are centred on their centroid and scaled so that the face's size
+(:func:`face_size_px`: sqrt(width x height) of the landmarks' bounding box) is ``face_size``
+(100) pixels, x right and **y up** (the image's y is flipped, so that the camera's 2x3 matrix is a
+scaled rotation, not a reflection). σ² and λ therefore weigh a face the same whether it fills a
+close-up or is a small figure in a large photo. The release scaled the *photo* to 256 px instead,
+which is the same thing only for photos that are tight face crops (AffectNet's): a small face in a
+large photo was regularised far more (issue 17 measured |α| 0.055 against 4.37 for the same
+landmarks fitted at full size),
+and its error in px at 256 made the worst fits look best. 100 px is the median face size of the
+default profile's photos under the 256 px rule, so for a face crop the fit is the release's.
+
+Results come back in the caller's pixels (the photo the landmarks were given in, y up): the camera
+maps model mm to those pixels; errors are given in those pixels and as NME (mean landmark error
+over the outer-eye-corner distance, iBUG 37-46: the 300-W convention).
 
 Camera (scaled orthographic): ``x = s · R[:2] · X + t``. It is estimated by Hartley and
 Zisserman's Gold Standard algorithm for an affine camera (Multiple View Geometry, Alg. 7.2):
@@ -38,12 +50,13 @@ LEFT_CONTOUR = np.arange(9, 17)
 class FitConfig(Config):
     """How a proxy is fitted to 68 landmarks."""
 
-    fit_size: int = Field(256, ge=32)
-    """Landmarks are scaled by fit_size / max(W, H) before fitting (the release fits at 256 px)."""
+    face_size: float = Field(100.0, ge=16)
+    """Landmarks are fitted scaled so that the face (:func:`face_size_px`) is this many px (the release
+    scaled the photo's long side to 256 px instead; 100 px is the default profile's median face then)."""
     shape_lambda: float = Field(30.0, ge=0)
     """Regularisation of the identity coefficients α (in standard deviations)."""
     landmark_sigma2: float = Field(3.0, gt=0)
-    """Landmark noise variance σ² in px² at fit_size (the release: 3)."""
+    """Landmark noise variance σ² in px² of the face frame (the release: 3, in px of the photo scaled to 256)."""
     expression: Literal["prior", "free"] = "prior"
     """prior: β fixed to the dictionary's β_prior (the paper); free: β solved with expression_lambda."""
     expression_lambda: float = Field(65.0, ge=0)
@@ -56,28 +69,33 @@ class FitConfig(Config):
     """Identity components fitted (0 = all)."""
     use_contour: bool = True
     """Fit the contour landmarks (1-8, 10-17) with per-iteration correspondence."""
-    max_reprojection_px: float = Field(12.0, gt=0)
-    """A fit whose mean landmark error (px at fit_size) ends above this is reported as diverged."""
+    max_nme: float = Field(0.2, gt=0)
+    """A fit whose NME (mean landmark error / outer-eye-corner distance) ends above this is reported as
+    diverged (0.2: the release's 12 px at 256 for the default profile's median 60 px eye distance)."""
+    max_reprojection_px: float | None = Field(None, gt=0)
+    """Optionally also: a fit whose mean landmark error in photo px ends above this has diverged
+    (None = off: a px bound depends on the face's size, the NME does not)."""
     max_yaw_deg: float = Field(75.0, gt=0, le=180)
     """A fit with |yaw| above this is reported as an extreme pose."""
-    min_face_px: float = Field(16.0, gt=0)
-    """A fit whose face (inter-ocular distance x 2.5) is narrower than this many px at fit_size is
-    degenerate (landmarks collapsed onto a point)."""
+    min_face_px: float = Field(4.0, gt=0)
+    """Landmarks whose face (:func:`face_size_px`) is smaller than this many photo px are degenerate
+    (collapsed onto a point): reported, not fitted (the detector's own min_face_px is far larger)."""
 
 
 @dataclass(frozen=True)
 class Cameras:
-    """B scaled orthographic cameras in the fitting frame: x = scale · rotation[:2] · X + translation."""
+    """B scaled orthographic cameras: x = scale · rotation[:2] · X + translation, in image px with y up
+    (the fitter returns them in the pixels of the landmarks it was given, y negated)."""
 
     scale: np.ndarray
     """(B,) pixels per millimetre."""
     rotation: np.ndarray
     """(B, 3, 3) rotations, model to camera (third row: the viewing direction's axis, towards the viewer)."""
     translation: np.ndarray
-    """(B, 2) image-plane translation (fitting-frame px, y up)."""
+    """(B, 2) image-plane translation (px, y up)."""
 
     def project(self, points: np.ndarray) -> np.ndarray:
-        """(B, N, 3) model points to (B, N, 2) fitting-frame positions."""
+        """(B, N, 3) model points to (B, N, 2) image positions (y up)."""
         return self.scale[:, None, None] * np.einsum("bij,bnj->bni", self.rotation[:, :2], points) + \
             self.translation[:, None, :]
 
@@ -195,15 +213,19 @@ class FitResult:
     beta: np.ndarray
     """(B, Ke) expression coefficients (fixed to the prior, or fitted)."""
     cameras: Cameras
-    """Fitting-frame cameras."""
+    """Cameras in the given landmarks' pixels (y up: image y is -y)."""
     landmark_vertices: np.ndarray
     """(B, 68) the vertex each landmark was matched to (-1: landmark not used)."""
     residuals: np.ndarray
-    """(B, iterations) mean landmark error (px at fit_size) after each iteration."""
+    """(B, iterations) mean landmark error (px of the given landmarks) after each iteration."""
     reprojection_px: np.ndarray
-    """(B,) final mean landmark error in px at fit_size."""
+    """(B,) final mean landmark error (over the fixed and contour landmarks) in px of the given landmarks."""
+    nme: np.ndarray
+    """(B,) reprojection_px / outer-eye-corner distance of the given landmarks (300-W's NME)."""
     status: list[str]
     """Per image: "ok", or why the fit is unusable (diverged / NaN / extreme pose)."""
+    face_frame_scale: np.ndarray
+    """(B,) the face frame's px per given px (face_size / face size; NaN where there was no face)."""
 
 
 class ProxyFitter:
@@ -239,18 +261,15 @@ class ProxyFitter:
         """Iterations of the alternation for the configured expression mode."""
         return self.config.iterations_prior if self.config.expression == "prior" else self.config.iterations_free
 
-    def fit(self, landmarks: np.ndarray, image_sizes: np.ndarray, beta_prior: np.ndarray | None = None) -> FitResult:
-        """Fit B faces: landmarks (B, 68, 2) in image pixels (x right, y down), image_sizes (B, 2) as (W, H).
+    def fit(self, landmarks: np.ndarray, beta_prior: np.ndarray | None = None) -> FitResult:
+        """Fit B faces to landmarks (B, 68, 2) in image pixels (x right, y down).
 
         ``beta_prior`` (B, Ke) is required for ``expression: prior`` and is the start for ``free``.
+        The fit runs in the face-normalised frame; cameras and errors come back in these pixels.
         """
         cfg = self.config
         lm = np.asarray(landmarks, dtype=np.float64)
         b = lm.shape[0]
-        sizes = np.asarray(image_sizes, dtype=np.float64).reshape(b, 2)
-        to_fit = cfg.fit_size / sizes.max(axis=1)
-        x = lm * to_fit[:, None, None]
-        x[..., 1] = -x[..., 1]  # y up
         if beta_prior is None:
             if cfg.expression == "prior":
                 raise ValueError("expression: prior needs beta_prior")
@@ -261,10 +280,18 @@ class ProxyFitter:
         used = self._fixed.copy()
         if self._use_contour:
             used[RIGHT_CONTOUR] = used[LEFT_CONTOUR] = True
-        finite = np.isfinite(x[:, used]).all(axis=(1, 2))
+        finite = np.isfinite(lm[:, used]).all(axis=(1, 2))
+        with np.errstate(invalid="ignore"):
+            size = np.where(finite, face_size_px(np.where(finite[:, None, None], lm, 0.0), used), np.nan)
+            centre = np.where(finite[:, None], lm[:, used].mean(axis=1), 0.0)
+        sized = finite & (size >= cfg.min_face_px)
+        # Photo px -> face frame: x_fit = (x - centre) * to_face, y flipped.
+        to_face = np.where(sized, cfg.face_size / np.where(sized, size, 1.0), 1.0)
+        x = (lm - centre[:, None]) * to_face[:, None, None]
+        x[..., 1] = -x[..., 1]  # y up
         # Rows that cannot be fitted get the mean face's own landmarks, so that the batch's linear
         # algebra stays well posed; their status says why they failed.
-        x[~finite] = self._placeholder_landmarks()
+        x[~sized] = self._placeholder_landmarks()
         x[:, ~used] = 0.0
 
         vertex_ids = np.tile(self._landmark_local, (b, 1))  # local vertex numbers
@@ -299,10 +326,17 @@ class ProxyFitter:
         verts = self._vertices(alpha, beta)
         pts = np.take_along_axis(verts, vertex_ids[..., None], axis=1)
         cameras = estimate_cameras(pts, x, weights)
-        reproj = self._mean_error(cameras, alpha, beta, vertex_ids, x, weights)
+        reproj = self._mean_error(cameras, alpha, beta, vertex_ids, x, weights) / to_face
+        # Back to the caller's pixels (y up): x_photo = x_fit / to_face + centre.
+        centre_up = centre * [1.0, -1.0]
+        photo_cameras = Cameras(cameras.scale / to_face, cameras.rotation,
+                                cameras.translation / to_face[:, None] + centre_up)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            nme = reproj / outer_eye_distance(lm)
         matched = np.where(weights > 0, self._subset[vertex_ids], -1)
-        status = self._status(finite, alpha, beta, cameras, reproj)
-        return FitResult(alpha, beta, cameras, matched, residuals, reproj, status)
+        status = self._status(finite, size, alpha, beta, photo_cameras, reproj, nme)
+        return FitResult(alpha, beta, photo_cameras, matched, residuals / to_face[:, None], reproj, nme, status,
+                         np.where(sized, to_face, np.nan))
 
     def _placeholder_landmarks(self) -> np.ndarray:
         """(68, 2) the mean face's landmarks seen frontally (contour: the middle candidates)."""
@@ -337,27 +371,45 @@ class ProxyFitter:
         used = weights > 0
         return np.where(used.any(axis=1), (err * used).sum(axis=1) / np.maximum(used.sum(axis=1), 1), np.nan)
 
-    def _status(self, finite: np.ndarray, alpha: np.ndarray, beta: np.ndarray, cameras: Cameras,
-                reproj: np.ndarray) -> list[str]:
+    def _status(self, finite: np.ndarray, size: np.ndarray, alpha: np.ndarray, beta: np.ndarray, cameras: Cameras,
+                reproj: np.ndarray, nme: np.ndarray) -> list[str]:
         cfg = self.config
         yaw = cameras.angles_deg()[:, 0]
-        # The model's inter-ocular distance (outer eye corners, iBUG 37 and 46) in fitting-frame px.
-        eyes = self.model.mean[self.model.landmark_vertices[[36, 45]]]
-        face_px = 2.5 * cameras.scale * float(np.linalg.norm(eyes[0] - eyes[1]))
         numbers_ok = np.isfinite(alpha).all(axis=1) & np.isfinite(beta).all(axis=1) & np.isfinite(reproj) & \
-            np.isfinite(cameras.rotation).all(axis=(1, 2)) & np.isfinite(cameras.scale)
+            np.isfinite(nme) & np.isfinite(cameras.rotation).all(axis=(1, 2)) & np.isfinite(cameras.scale)
         out = []
         for i in range(len(reproj)):
             if not finite[i]:
                 out.append("fit failed: landmarks contain NaN or inf")
+            elif not size[i] >= cfg.min_face_px:
+                out.append(f"fit failed: degenerate landmarks (face {size[i]:.2g} px < {cfg.min_face_px:g} px)")
             elif not numbers_ok[i]:
                 out.append("fit failed: the solution contains NaN or inf")
-            elif face_px[i] < cfg.min_face_px:
-                out.append(f"fit failed: degenerate camera (face {face_px[i]:.1f} px wide at {cfg.fit_size} px)")
-            elif reproj[i] > cfg.max_reprojection_px:
+            elif nme[i] > cfg.max_nme:
+                out.append(f"fit diverged: NME {nme[i]:.3f} > max_nme {cfg.max_nme:g}")
+            elif cfg.max_reprojection_px is not None and reproj[i] > cfg.max_reprojection_px:
                 out.append(f"fit diverged: mean landmark error {reproj[i]:.1f} px > {cfg.max_reprojection_px:g} px")
             elif abs(yaw[i]) > cfg.max_yaw_deg:
                 out.append(f"extreme pose: yaw {yaw[i]:.0f} deg beyond ±{cfg.max_yaw_deg:g}")
             else:
                 out.append("ok")
         return out
+
+
+def face_size_px(landmarks: np.ndarray, used: np.ndarray | None = None) -> np.ndarray:
+    """(B,) a face's size: sqrt(width x height) of the bounding box of its (used) landmarks (B, 68, 2).
+
+    The frame's normaliser. Unlike the eye distance it barely shrinks with yaw (the box's height does not
+    change), and unlike a detection box it is the same for dlib's box, a list's given box or a scan.
+    """
+    pts = np.asarray(landmarks, np.float64)
+    if used is not None:
+        pts = pts[:, used]
+    extent = pts.max(axis=1) - pts.min(axis=1)
+    return np.sqrt(extent[:, 0] * extent[:, 1])
+
+
+def outer_eye_distance(landmarks: np.ndarray) -> np.ndarray:
+    """(B,) distance between the outer eye corners (iBUG 37 and 46): the 300-W NME's normaliser."""
+    pts = np.asarray(landmarks, np.float64)
+    return np.linalg.norm(pts[:, 36] - pts[:, 45], axis=-1)

@@ -4,7 +4,8 @@ Per shard (run in its own process by :func:`facedetail.io.shards.build_shards`):
 photo (bad files become quarantine rows), find the face and its 68 landmarks (or use the
 given box), look up β_prior for all faces of the shard in one batch, fit all proxies in one
 batch, then unwrap each photo into UV space. Every input gives exactly one row: a fit, or a
-reason it could not be used.
+reason it could not be used; with ``multiple_faces: all`` a photo gives one row per face instead,
+with ids ``<photo id>#1``, ``#2``, ... (largest first; :func:`face_rows` flattens them).
 """
 
 from __future__ import annotations
@@ -40,20 +41,30 @@ def to_original(points: np.ndarray, decode_scale: float) -> np.ndarray:
     return (np.asarray(points, np.float64) + 0.5) / decode_scale - 0.5
 
 
+FACE_SEPARATOR = "#"
+"""Between a photo's id and its face number with ``multiple_faces: all``; ids never contain it
+(:func:`facedetail.proxy.inputs.item_id` keeps only letters, digits and ``-``), so face ids stay unique."""
+MORE_FACES = "more_faces"
+"""Key under which a shard worker's row carries the photo's further faces (shards hold one row per photo)."""
+
+
 def photo_to_fit(points: np.ndarray, row: dict[str, Any]) -> np.ndarray:
-    """(…, 2) original-photo pixels (y down) to a proxies.parquet row's fitting frame (y up)."""
+    """(…, 2) original-photo pixels (y down) to a proxies.parquet row's camera frame (y up).
+
+    That frame is the decoded photo's pixels with y negated (``fit_frame_scale`` is 1); the fit itself
+    ran in a face-normalised frame (``face_frame_scale``, see facedetail.proxy.fit)."""
     xy = to_decoded(points, row["decode_scale"]) * row["fit_frame_scale"]
     return np.stack([xy[..., 0], -xy[..., 1]], axis=-1)
 
 
 def fit_to_photo(points: np.ndarray, row: dict[str, Any]) -> np.ndarray:
-    """(…, 2) fitting-frame positions of a row back to original-photo pixels."""
+    """(…, 2) camera-frame positions of a row back to original-photo pixels."""
     xy = np.stack([points[..., 0], -points[..., 1]], axis=-1) / row["fit_frame_scale"]
     return to_original(xy, row["decode_scale"])
 
 
 def project_row(vertices: np.ndarray, row: dict[str, Any]) -> np.ndarray:
-    """(N, 3) model points to fitting-frame (N, 2) with a proxies.parquet row's camera."""
+    """(N, 3) model points to camera-frame (N, 2) positions with a proxies.parquet row's camera."""
     rot = np.asarray(row["camera_rotation"], np.float64).reshape(3, 3)
     return row["camera_scale"] * np.asarray(vertices, np.float64) @ rot[:2].T + np.asarray(row["camera_translation"])
 
@@ -80,6 +91,19 @@ class _Face:
     box: tuple[float, float, float, float]
     score: float | None
     faces_found: int
+    row_id: str
+    too_small: str | None = None
+
+
+def face_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Shard rows (one per photo) to proxies.parquet rows (one per face): each photo's further faces
+    (``multiple_faces: all``) follow it, with its shard."""
+    out = []
+    for r in rows:
+        more = r.get(MORE_FACES) or []
+        out.append({k: v for k, v in r.items() if k != MORE_FACES})
+        out.extend({**m, "shard": r.get("shard")} for m in more)
+    return out
 
 
 class ProxyShardWorker:
@@ -96,24 +120,37 @@ class ProxyShardWorker:
 
     def __call__(self, task: ShardTask, tar_path: Path, progress: Callable[[int], None]) -> list[dict[str, Any]]:
         rows: dict[str, dict[str, Any]] = {}
+        row_ids: dict[str, list[str]] = {}
         faces: list[_Face] = []
+        with_faces = 0
         for item_id in task.item_ids:
             item = self.spec.items[item_id]
-            photo, face_or_reason = self._face(item)
-            if isinstance(face_or_reason, str):
-                rows[item_id] = self._row(item, photo, None, status=QUARANTINED, reason=face_or_reason)
+            photo, found = self._face(item)
+            if isinstance(found, str):
+                rows[item_id] = self._row(item, photo, None, status=QUARANTINED, reason=found)
+                row_ids[item_id] = [item_id]
                 progress(1)
-            else:
-                faces.append(face_or_reason)
+                continue
+            row_ids[item_id] = [f.row_id for f in found]
+            with_faces += 1
+            for f in found:
+                if f.too_small:
+                    rows[f.row_id] = self._row(item, photo, f, status=QUARANTINED, reason=f.too_small)
+                else:
+                    faces.append(f)
         samples = []
         if faces:
             samples = self._fit_and_unwrap(faces, rows)
-            progress(len(faces))
+        progress(with_faces)
         write_tar_shard(tar_path, samples)
-        return [rows[i] for i in task.item_ids]
+        out = []
+        for item_id in task.item_ids:
+            first, *more = (rows[r] for r in row_ids[item_id])
+            out.append({**first, MORE_FACES: more} if more else first)
+        return out
 
     # ------------------------------------------------------------------ steps
-    def _face(self, item: InputItem) -> tuple[LoadedPhoto | None, _Face | str]:
+    def _face(self, item: InputItem) -> tuple[LoadedPhoto | None, list[_Face] | str]:
         try:
             photo = load_photo(item.path, self.spec.load)
         except Exception as err:  # the decoder reports every bad file itself; a bug in it must not lose the shard
@@ -125,26 +162,28 @@ class ProxyShardWorker:
         except Exception as err:  # dlib raises RuntimeError on images it cannot take: report, go on
             return photo, f"landmarks failed: {type(err).__name__}: {err}"
 
-    def _landmarks(self, item: InputItem, photo: LoadedPhoto) -> _Face | str:
+    def _landmarks(self, item: InputItem, photo: LoadedPhoto) -> list[_Face] | str:
         if item.box is not None:
             corners = to_decoded(np.reshape(item.box, (2, 2)), photo.scale).ravel()
             found = self.detector.landmarks_in_box(photo.rgb, tuple(float(v) for v in corners))  # type: ignore[arg-type]
-            return _Face(item, photo, found.landmarks, found.box, None, 1)
-        detection = self.detector.detect(photo.rgb)
-        if detection.face is None:
-            return detection.reason or "no face detected"
-        f = detection.face
-        return _Face(item, photo, f.landmarks, f.box, f.score, f.faces_found)
+            return [_Face(item, photo, found.landmarks, found.box, None, 1, item.id)]
+        faces = self.detector.find(photo.rgb)
+        if isinstance(faces, str):
+            return faces
+        every = self.spec.detector.multiple_faces == "all"
+        return [_Face(item, photo, f.landmarks, f.box, f.score, f.faces_found,
+                      f"{item.id}{FACE_SEPARATOR}{k}" if every else item.id, f.too_small)
+                for k, f in enumerate(faces, start=1)]
 
     def _fit_and_unwrap(self, faces: list[_Face], rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         spec = self.spec
         landmarks = np.stack([f.landmarks for f in faces])
-        sizes = np.array([(f.photo.rgb.shape[1], f.photo.rgb.shape[0]) for f in faces], np.float64)
         prior = self.dictionary.prior_for_faces([f.photo.rgb for f in faces], landmarks)
-        result = self.fitter.fit(landmarks, sizes, prior.beta)
+        result = self.fitter.fit(landmarks, prior.beta)
         angles = result.cameras.angles_deg()
         samples = []
         for i, face in enumerate(faces):
+            to_original_px = 1.0 / face.photo.scale
             fit_row = {
                 "alpha": result.alpha[i].astype(np.float32).tolist(),
                 "beta": result.beta[i].astype(np.float32).tolist(),
@@ -154,37 +193,40 @@ class ProxyShardWorker:
                 "camera_rotation": result.cameras.rotation[i].ravel().tolist(),
                 "camera_translation": result.cameras.translation[i].tolist(),
                 "decode_scale": float(face.photo.scale),
-                "fit_frame_scale": float(spec.fit.fit_size / sizes[i].max()),
+                "fit_frame_scale": 1.0,
+                "face_frame_scale": float(result.face_frame_scale[i]),
                 "yaw_deg": float(angles[i, 0]), "pitch_deg": float(angles[i, 1]), "roll_deg": float(angles[i, 2]),
-                "residuals_px": result.residuals[i].tolist(),
-                "reprojection_px": float(result.reprojection_px[i]),
+                "residuals_px": (result.residuals[i] * to_original_px).tolist(),
+                "reprojection_px": float(result.reprojection_px[i] * to_original_px),
+                "nme": float(result.nme[i]),
             }
             status = result.status[i]
             if status != OK:
-                rows[face.item.id] = self._row(face.item, face.photo, face, status=QUARANTINED, reason=status,
-                                               **fit_row)
+                rows[face.row_id] = self._row(face.item, face.photo, face, status=QUARANTINED, reason=status,
+                                              **fit_row)
                 continue
             try:
                 vertices = self.model.vertices(result.alpha[i], result.beta[i])
+                # The camera maps to the decoded photo's pixels (y up): to_photo is 1.
                 unwrapped = unwrap(face.photo.rgb, vertices, self.model.vertex_normals(vertices),
-                                   result.cameras.select(i), sizes[i].max() / spec.fit.fit_size, self.raster,
-                                   spec.texture)
+                                   result.cameras.select(i), 1.0, self.raster, spec.texture)
                 png = encode_texture(unwrapped, spec.texture)
             except Exception as err:  # one photo's failure must not lose the shard: report it
-                rows[face.item.id] = self._row(face.item, face.photo, face, status=QUARANTINED,
-                                               reason=f"unwrap failed: {type(err).__name__}: {err}", **fit_row)
+                rows[face.row_id] = self._row(face.item, face.photo, face, status=QUARANTINED,
+                                              reason=f"unwrap failed: {type(err).__name__}: {err}", **fit_row)
                 continue
-            meta = {"id": face.item.id, "source": face.item.relative, **fit_row}
-            samples.append({"__key__": face.item.id, TEXTURE_EXT: png, "json": canonical_json(meta).encode()})
-            rows[face.item.id] = self._row(face.item, face.photo, face, status=OK, reason=None,
-                                           key=f"{face.item.id}.{TEXTURE_EXT}",
-                                           sha256=sha256_bytes(png), bytes=len(png),
-                                           texture_coverage=float(unwrapped.mask.mean()), **fit_row)
+            meta = {"id": face.row_id, "source": face.item.relative, **fit_row}
+            samples.append({"__key__": face.row_id, TEXTURE_EXT: png, "json": canonical_json(meta).encode()})
+            rows[face.row_id] = self._row(face.item, face.photo, face, status=OK, reason=None,
+                                          key=f"{face.row_id}.{TEXTURE_EXT}",
+                                          sha256=sha256_bytes(png), bytes=len(png),
+                                          texture_coverage=float(unwrapped.mask.mean()), **fit_row)
         return samples
 
     def _row(self, item: InputItem, photo: LoadedPhoto | None, face: _Face | None, **values: Any) -> dict[str, Any]:
         """One proxies.parquet row; geometry in the original photo's pixels."""
-        row: dict[str, Any] = {"id": item.id, "path": item.relative, "label": item.label,
+        row: dict[str, Any] = {"id": item.id if face is None else face.row_id, "path": item.relative,
+                               "label": item.label,
                                "listing_note": item.note, "params_hash": self.spec.params_hash}
         if photo is not None:
             row.update(source_sha256=photo.sha256, width=photo.original_size[0], height=photo.original_size[1],
@@ -213,7 +255,10 @@ PROXY_SCHEMA = pa.schema([
     ("camera_translation", _list(pa.float64())), ("decode_scale", pa.float64()), ("fit_frame_scale", pa.float64()),
     ("yaw_deg", pa.float64()),
     ("pitch_deg", pa.float64()), ("roll_deg", pa.float64()), ("residuals_px", _list(pa.float64())),
-    ("reprojection_px", pa.float64()), ("key", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
+    ("reprojection_px", pa.float64()), ("nme", pa.float64()), ("face_frame_scale", pa.float64()),
+    ("fixed_error_px", pa.float64()), ("fixed_nme", pa.float64()), ("eos_fixed_error_px", pa.float64()),
+    ("eos_fixed_nme", pa.float64()), ("eos_yaw_deg", pa.float64()), ("eos_pitch_deg", pa.float64()),
+    ("eos_roll_deg", pa.float64()), ("key", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
     ("texture_coverage", pa.float64()), ("shard", pa.string()), ("params_hash", pa.string()),
 ])
 """``proxies.parquet``: one row per input photo, fitted or not (status/reason say which).
@@ -222,9 +267,15 @@ PROXY_SCHEMA = pa.schema([
 ``listing_note`` what the listing noticed (a name that is not UTF-8, a symlink followed out of the folder).
 Geometry is in the original photo's pixels (x right, y down, pixel centres at integers): box
 (left, top, right, bottom) and landmarks (68 x/y pairs, flattened). The photo was decoded at
-``decode_scale`` (huge photos are decoded smaller) and fitted in the fitting frame (see
-facedetail.proxy.fit), ``fit_frame_scale`` times the decoded image, y up: use
-:func:`photo_to_fit`, :func:`fit_to_photo` and :func:`project_row` rather than redoing the maths.
+``decode_scale`` (huge photos are decoded smaller); the camera maps model mm to the decoded photo's
+pixels with y up (``fit_frame_scale`` = 1): use :func:`photo_to_fit`, :func:`fit_to_photo` and
+:func:`project_row` rather than redoing the maths. The fit ran in a face-normalised frame,
+``face_frame_scale`` px per decoded px (facedetail.proxy.fit).
+
+Errors: ``reprojection_px`` / ``residuals_px`` (the fit's mean landmark error, original-photo px)
+and ``nme`` (the same over the outer-eye-corner distance, 300-W). The eos-py comparison
+(facedetail.proxy.evaluate) adds, for the landmarks with a fixed vertex, ours (``fixed_error_px``,
+``fixed_nme``: every fitted row) and eos-py's (``eos_*``: the compared rows; eos's pose too).
 """
 
 

@@ -172,11 +172,13 @@ def unwrap(photo: np.ndarray, vertices: np.ndarray, normals: np.ndarray, camera:
     per_vertex = _per_vertex(vertices, normals)
     rot = np.ascontiguousarray(camera.rotation[0], np.float64)
     scale = float(camera.scale[0])
+    h, w = photo.shape[:2]
     # Cells in the fitting frame, so that the z-buffer is that of the fit (and bytes stay as before).
-    px, py, depth, facing, cells = _ortho_texels(
+    vis_x, vis_y, rows, cols = _ortho_visible(
         *raster.csr(), per_vertex, rot, scale, np.asarray(camera.translation[0], np.float64), float(to_photo),
-        scale * config.zbuffer_cell_mm, float(np.cos(np.radians(config.max_view_angle_deg))))
-    return _finish(photo, px, py, depth, facing, cells, raster, config)
+        scale * config.zbuffer_cell_mm, float(np.cos(np.radians(config.max_view_angle_deg))),
+        float(config.depth_tolerance_mm), float(w - 1), float(h - 1), raster.rows, raster.cols)
+    return _fill(photo, vis_x, vis_y, rows, cols, raster)
 
 
 def _per_vertex(vertices: np.ndarray, normals: np.ndarray) -> np.ndarray:
@@ -253,6 +255,12 @@ def _finish(photo: np.ndarray, px: np.ndarray, py: np.ndarray, depth: np.ndarray
     vis_x, vis_y, rows, cols = _visible(px, py, depth, facing, np.ascontiguousarray(cells, np.int64),
                                         float(config.depth_tolerance_mm), float(w - 1), float(h - 1), raster.rows,
                                         raster.cols)
+    return _fill(photo, vis_x, vis_y, rows, cols, raster)
+
+
+def _fill(photo: np.ndarray, vis_x: np.ndarray, vis_y: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+          raster: UVTexels) -> Unwrapped:
+    """The two maps from the visible texels' photo positions and texture rows and columns."""
     # Bilinear samples of the visible texels only: cv2.remap is per pixel, so a subset samples alike.
     colours = _sample(photo, vis_x, vis_y)
     texture = np.zeros((raster.resolution, raster.resolution, 3), np.uint8)
@@ -309,33 +317,61 @@ def _blend(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, per_vertex
 
 
 @_jit()
-def _ortho_texels(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, per_vertex: np.ndarray, rot: np.ndarray,
-                  scale: float, trans: np.ndarray, to_photo: float, cell_size: float,
-                  cos_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per texel: whether it faces the camera and, for those that do, photo position (float32), depth and
-    z-buffer cell, for a scaled orthographic camera (the others are never visible: left at 0)."""
+def _ortho_visible(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, per_vertex: np.ndarray,
+                   rot: np.ndarray, scale: float, trans: np.ndarray, to_photo: float, cell_size: float,
+                   cos_max: float, tolerance: float, max_x: float, max_y: float, rows: np.ndarray,
+                   cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_visible` of a scaled orthographic camera, in one pass over all texels and two over the facing ones.
+
+    Per texel the same operations as the array version (blended normal, facing test; for facing texels only:
+    blended position, photo position (float32), depth and z-buffer cell), so the same visible texels in the
+    same order: only the facing texels are kept, packed, and never a full-size array of the others.
+    """
     m = len(indptr) - 1
-    px = np.zeros(m, np.float32)
-    py = np.zeros(m, np.float32)
-    depth = np.zeros(m)
-    facing = np.empty(m, np.bool_)
-    cells = np.zeros((m, 2), np.int64)
+    f_x = np.empty(m, np.float32)
+    f_y = np.empty(m, np.float32)
+    f_depth = np.empty(m)
+    f_c0 = np.empty(m, np.int64)
+    f_c1 = np.empty(m, np.int64)
+    f_id = np.empty(m, np.int64)
     r00, r01, r02, r10, r11, r12 = rot[0, 0], rot[0, 1], rot[0, 2], rot[1, 0], rot[1, 1], rot[1, 2]
     r20, r21, r22 = rot[2, 0], rot[2, 1], rot[2, 2]
     t0, t1 = trans[0], trans[1]
+    lo0 = lo1 = np.iinfo(np.int64).max
+    hi0 = hi1 = np.iinfo(np.int64).min
+    n = 0
     for i in range(m):
         x, y, z, nx, ny, nz = _blend_row(indptr, indices, data, per_vertex, i)
-        facing[i] = nx * r20 + ny * r21 + nz * r22 >= cos_max
-        if not facing[i]:
+        if not nx * r20 + ny * r21 + nz * r22 >= cos_max:
             continue
         fx = scale * (r00 * x + r01 * y + r02 * z) + t0
         fy = scale * (r10 * x + r11 * y + r12 * z) + t1
-        px[i] = np.float32(fx * to_photo)
-        py[i] = np.float32(-fy * to_photo)
-        depth[i] = r20 * x + r21 * y + r22 * z
-        cells[i, 0] = np.int64(np.floor(fx / cell_size))
-        cells[i, 1] = np.int64(np.floor(fy / cell_size))
-    return px, py, depth, facing, cells
+        f_x[n] = np.float32(fx * to_photo)
+        f_y[n] = np.float32(-fy * to_photo)
+        f_depth[n] = r20 * x + r21 * y + r22 * z
+        c0 = np.int64(np.floor(fx / cell_size))
+        c1 = np.int64(np.floor(fy / cell_size))
+        f_c0[n], f_c1[n], f_id[n] = c0, c1, i
+        lo0, hi0 = min(lo0, c0), max(hi0, c0)
+        lo1, hi1 = min(lo1, c1), max(hi1, c1)
+        n += 1
+    vis_r = np.empty(n, rows.dtype)
+    vis_c = np.empty(n, cols.dtype)
+    if n == 0:  # nothing faces the camera
+        return f_x[:0], f_y[:0], vis_r, vis_c
+    span0 = hi0 - lo0 + 1
+    zbuf = np.full(span0 * (hi1 - lo1 + 1), -np.inf)
+    for j in range(n):
+        cell = (f_c1[j] - lo1) * span0 + (f_c0[j] - lo0)
+        if f_depth[j] > zbuf[cell]:
+            zbuf[cell] = f_depth[j]
+    k = 0  # k <= j: the visible texels are packed in place, in texel order
+    for j in range(n):
+        if (0 <= f_x[j] <= max_x and 0 <= f_y[j] <= max_y
+                and f_depth[j] >= zbuf[(f_c1[j] - lo1) * span0 + (f_c0[j] - lo0)] - tolerance):
+            f_x[k], f_y[k], vis_r[k], vis_c[k] = f_x[j], f_y[j], rows[f_id[j]], cols[f_id[j]]
+            k += 1
+    return f_x[:k].copy(), f_y[:k].copy(), vis_r[:k].copy(), vis_c[:k].copy()
 
 
 @_jit()

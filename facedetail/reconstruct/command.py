@@ -49,8 +49,8 @@ def reconstruct_command(
     stride: Annotated[int, typer.Option(help="patch stride in texels; 0 = the training stride")] = 0,
     viewer: Annotated[bool, typer.Option(help="write view.html (the mesh embedded, 12.5 MB at 3 levels)")] = True,
     min_face_px: Annotated[float, typer.Option(help="smaller faces (box side, photo pixels) are refused")] = 40.0,
-    max_fit_error_px: Annotated[float, typer.Option(
-        help="a fit whose mean landmark error (px at the fitting size) ends above this has diverged")] = 12.0,
+    max_fit_nme: Annotated[float, typer.Option(
+        help="a fit whose NME (mean landmark error / outer-eye-corner distance) ends above this has diverged")] = 0.2,
 ) -> None:
     """One photo in, a detailed 3D face out: proxy, displacement (mm), detailed mesh (OBJ, glTF), preview, viewer.
 
@@ -71,7 +71,7 @@ def reconstruct_command(
         config = ReconstructConfig(all_faces=all_faces, subdivision_levels=levels, viewer=viewer,
                                    stitch=StitchConfig(sigma_fraction=sigma, stride=stride or None),
                                    detector={**base.detector.model_dump(), "min_face_px": min_face_px},
-                                   fit={**base.fit.model_dump(), "max_reprojection_px": max_fit_error_px})
+                                   fit={**base.fit.model_dump(), "max_nme": max_fit_nme})
         torch_device = pick_device(device)  # type: ignore[arg-type]
         started = time.perf_counter()
         engine = Reconstructor(model, dictionary, detail_net, config, torch_device)

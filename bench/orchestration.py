@@ -1,0 +1,212 @@
+"""Benchmark: the cost of the engines. The same render shards built by the local pool, by Prefect + Dask and
+by Prefect + Ray (and by Dask alone, as ``FACEDETAIL_EXECUTOR=dask`` does), all measured in one run.
+
+    python bench/orchestration.py [--share data/external/eos-share] [--count 8000] [--shard-size 1000]
+                                  [--workers 2] [--noop 200] [--engines local dask prefect-dask prefect-ray]
+                                  [--startup-root .]
+
+Per engine: images/s of ``render_expressions``' shard worker over ``--count`` renders (256², PNG,
+tar shards; start-up of the engine included, as a user pays it) and the ratio to the local pool
+(the baseline, today's ``dvc repro``; goal >= 0.9), and each as a fraction of the machine's own
+limit: the local pool's single-process rate times the worker count. Every engine's shards are
+checked byte-identical to the local pool's. Then the Prefect overhead per task (``--noop`` empty
+tasks through each task runner, per task) and, with ``--startup-root`` (a repository whose
+default profile is built and up to date), the flow's fixed cost: ``python -m flows.pipeline``
+when DVC says every stage is up to date, against the default run's own duration (the stages'
+run times in its lineage records; goal <= 10 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("local", "dask", "prefect-dask", "prefect-ray")
+
+
+def _hashes(work: Path) -> dict[str, str]:
+    from facedetail.io.hashing import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(work.glob("*.tar"))}
+
+
+def build(engine: str, spec: Any, count: int, shard_size: int, workers: int, work: Path) -> float:
+    """Seconds to build the shards on ``engine``, its start-up included."""
+    from facedetail.io.executors import DaskExecutor, use_executor
+    from facedetail.io.shards import build_shards, shard_tasks
+    from facedetail.render.expression_set import ExpressionShardWorker, item_id
+
+    tasks = shard_tasks([item_id(i) for i in range(count)], shard_size)
+    factory = partial(ExpressionShardWorker, spec)
+    start = time.perf_counter()
+    if engine == "local":
+        build_shards(tasks, work, "bench", factory, workers=workers, desc=engine)
+    elif engine == "dask":
+        executor = DaskExecutor(workers=workers)
+        with use_executor(executor):
+            build_shards(tasks, work, "bench", factory, workers=workers, desc=engine)
+        executor.close()
+    else:
+        _prefect_build(engine.split("-", 1)[1], tasks, factory, work, workers)
+    return time.perf_counter() - start
+
+
+def _prefect_build(runner: str, tasks: list, factory: Any, work: Path, workers: int) -> None:
+    from prefect import flow
+
+    from facedetail.io.executors import use_executor
+    from facedetail.io.shards import build_shards
+    from flows.pipeline import PrefectShards, task_runner
+
+    @flow(name=f"bench-{runner}")
+    def shards() -> None:
+        with use_executor(PrefectShards(runner)):
+            build_shards(tasks, work, "bench", factory, workers=workers, desc=runner)
+
+    with task_runner(runner, None, workers) as engine:
+        shards.with_options(task_runner=engine)()
+
+
+def noop_overhead(runner: str, n: int, workers: int) -> float:
+    """Seconds per task of ``n`` empty Prefect tasks mapped through ``runner``'s task runner (engine started)."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from flows.pipeline import task_runner
+
+    @task(cache_policy=NO_CACHE, persist_result=False)
+    def noop(i: int) -> int:
+        return i
+
+    @flow(name=f"bench-noop-{runner}")
+    def many() -> float:
+        start = time.perf_counter()
+        futures = noop.map(list(range(n)))
+        futures.result()
+        return time.perf_counter() - start
+
+    with task_runner(runner, None, workers) as engine:
+        flow_fn = many if engine is None else many.with_options(task_runner=engine)
+        return flow_fn() / n
+
+
+def default_run_seconds(root: Path) -> float | None:
+    """The default profile's run time on this machine: each stage's last completed run in the lineage events."""
+    events = root / "data/lineage/events.jsonl"
+    if not events.is_file():
+        return None
+    from datetime import datetime
+
+    from facedetail.io.lineage import iter_events
+
+    started: dict[str, datetime] = {}
+    last: dict[str, float] = {}
+    for event in iter_events(events):
+        job, when = event["job"]["name"], datetime.fromisoformat(event["eventTime"])
+        if event["eventType"] == "START":
+            started[job] = when
+        elif event["eventType"] == "COMPLETE" and job in started:
+            last[job] = (when - started.pop(job)).total_seconds()
+    return sum(last.values()) if last else None
+
+
+def flow_fixed_cost(root: Path) -> float:
+    """Seconds of ``python -m flows.pipeline`` on ``root`` (every stage up to date: only the fixed cost)."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--root", str(root)], cwd=root,
+                          capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0 or "all up to date" not in proc.stdout:
+        raise SystemExit(f"the flow did not find {root} up to date (run `dvc repro` first):\n{proc.stdout[-2000:]}"
+                         f"\n{proc.stderr[-2000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--share", type=Path, default=Path("data/external/eos-share"))
+    parser.add_argument("--count", type=int, default=8000, help="renders per engine")
+    parser.add_argument("--shard-size", type=int, default=1000, help="the stage's default")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--single", type=int, default=200, help="renders in one process, for the machine's limit")
+    parser.add_argument("--noop", type=int, default=200, help="empty tasks per task runner for the overhead")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--startup-root", type=Path, help="a built, up-to-date repository: measure the flow's "
+                                                          "fixed cost there")
+    args = parser.parse_args()
+
+    from facedetail.io.shards import one_thread_per_process
+    from facedetail.model import load_model_source
+    from facedetail.render.expression_set import ExpressionSetSpec, ExpressionShardWorker, item_id
+    from facedetail.render.sampling import SamplingConfig
+
+    results: dict[str, Any] = {"count": args.count, "shard_size": args.shard_size, "workers": args.workers}
+    model = load_model_source("sfm", args.share / "sfm_shape_3448.bin", args.share)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = model.save(Path(tmp) / "model.npz")
+        spec = ExpressionSetSpec(model_path, "bench", 0, 256, SamplingConfig(), 3, "bench")
+
+        one_thread_per_process()
+        worker = ExpressionShardWorker(spec)
+        worker.render_item(item_id(0))
+        start = time.perf_counter()
+        for i in range(args.single):
+            worker.render_item(item_id(i))
+        limit = args.workers * args.single / (time.perf_counter() - start)
+        print(f"machine limit: {limit:.1f} img/s ({args.workers} x one process's rate, no engine, no tar)")
+        results["limit_images_per_s"] = round(limit, 1)
+
+        # One Prefect server for every Prefect run (as a team's long-running server): its start-up is a fixed
+        # cost of a flow run, printed on its own, not a cost of the engine.
+        from prefect.testing.utilities import prefect_test_harness
+
+        server = contextlib.ExitStack()
+        start = time.perf_counter()
+        server.enter_context(prefect_test_harness(server_startup_timeout=120))
+        results["prefect_server_start_s"] = round(time.perf_counter() - start, 1)
+        print(f"Prefect server start: {results['prefect_server_start_s']} s (once; not in the rates below)")
+
+        reference = None
+        for engine in ["local", *[e for e in args.engines if e != "local"]]:
+            work = Path(tmp) / engine
+            seconds = build(engine, spec, args.count, args.shard_size, args.workers, work)
+            rate = args.count / seconds
+            hashes = _hashes(work)
+            if reference is None:
+                reference, baseline = hashes, rate
+            same = hashes == reference
+            results[engine] = {"seconds": round(seconds, 1), "images_per_s": round(rate, 1),
+                               "ratio_to_local": round(rate / baseline, 3), "of_limit": round(rate / limit, 3),
+                               "same_bytes": same}
+            print(f"{engine:>13}: {rate:7.1f} img/s  {seconds:6.1f} s  x{rate / baseline:.3f} of the local pool  "
+                  f"{100 * rate / limit:5.1f} % of the limit  same bytes: {same}")
+            if not same:
+                raise SystemExit(f"{engine} built other bytes than the local pool")
+
+    for runner in ("local", *[e.split("-", 1)[1] for e in args.engines if e.startswith("prefect-")]):
+        per_task = noop_overhead(runner, args.noop, args.workers)
+        results[f"prefect_overhead_s_per_task_{runner}"] = round(per_task, 4)
+        print(f"Prefect overhead per task ({runner} task runner, {args.noop} empty tasks): {1000 * per_task:.1f} ms")
+
+    server.close()
+
+    if args.startup_root is not None:
+        fixed = flow_fixed_cost(args.startup_root)
+        default = default_run_seconds(args.startup_root)
+        results["flow_fixed_cost_s"] = round(fixed, 1)
+        results["default_run_s"] = None if default is None else round(default, 1)
+        share = f"{100 * fixed / default:.1f} % of the default run's {default:.0f} s" if default else "no lineage"
+        print(f"flow fixed cost (nothing stale): {fixed:.1f} s = {share} (goal <= 10 %)")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
