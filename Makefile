@@ -72,6 +72,8 @@ bench: assets
 	$(PY) bench/reconstruct.py
 	$(PY) bench/lineage.py
 	$(PY) bench/orchestration.py --startup-root .
+	$(PY) bench/remote.py
+	$(PY) bench/photometric.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from facedetail.detail.photometric import PhotometricConfig, refine_photometric
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.evaluate import summarize, truth_metrics
 from facedetail.proxy.fit import Cameras, FitConfig, FitResult, ProxyFitter
 from facedetail.proxy.inputs import LoadConfig, load_photo
-from facedetail.detail.photometric import PhotometricConfig, refine_photometric
 from facedetail.proxy.pipeline import OK, to_decoded
 from facedetail.reconstruct.evaluate import Surface, SurfaceConfig, kabsch, rigid_alignment, surface_errors, transform
 

@@ -2,7 +2,8 @@
 
     python bench/proxy.py [--faces 2000] [--eos-faces 200] [--photos data/wild_synth/images] [--repeat 4]
                           [--model data/face_model/model.npz] [--share data/external/eos-share]
-                          [--resolution 512 1024] [--runs 3] [--processes 1 2] [--encodings] [--skip-fit]
+                          [--resolution 512 1024] [--runs 3] [--processes 1 2]
+                          [--retry-max-pixels N] [--encodings] [--skip-fit]
 
 1. Fitting only: the same landmarks (exact 2-D landmarks of random Surrey-model faces, random
    pose up to ±40° yaw, plus 1 px noise) go to our ``ProxyFitter`` (batches of 256, β fixed as
@@ -131,14 +132,20 @@ SHARD_SIZE = 32
 
 
 def bench_end_to_end(model_path: Path, dictionary: Path, photos: Path, repeat: int, resolution: int,
-                     runs: int, processes: tuple[int, ...] = (1, 2)) -> list[Unwrapped]:
+                     runs: int, processes: tuple[int, ...] = (1, 2),
+                     retry_max_pixels: int | None = None) -> list[Unwrapped]:
     """Per-step split and end-to-end photos/s at one texture resolution; returns some textures for --encodings."""
     base = list_inputs(photos)
     if not base:
         raise SystemExit(f"no photos in {photos}")
     # The same photos several times under new ids: enough work to see steady throughput.
     items = [InputItem(f"{i.id}-r{r}", i.path, i.relative, i.box, i.label) for r in range(repeat) for i in base]
-    spec = ProxySpec({i.id: i for i in items}, model_path, dictionary, LoadConfig(), DETECTOR, FitConfig(),
+    detector = DETECTOR if retry_max_pixels is None else DETECTOR.model_copy(
+        update={"retry_max_pixels": retry_max_pixels})
+    if retry_max_pixels is not None:
+        print(f"  (detector.retry_max_pixels {retry_max_pixels}, not the stage's {DETECTOR.retry_max_pixels}: "
+              "outputs differ from the stage's where a retry would find a face)")
+    spec = ProxySpec({i.id: i for i in items}, model_path, dictionary, LoadConfig(), detector, FitConfig(),
                      TextureConfig(resolution=resolution), "bench")
     print(f"== end to end at {resolution}² textures: {len(base)} inputs x {repeat} from {photos} (decode, detect, "
           f"landmarks, β_prior, fit, UV unwrap, texture PNG ({spec.texture.png_encoder}))")
@@ -271,6 +278,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024], help="texture sides to measure")
     parser.add_argument("--runs", type=int, default=2, help="end-to-end runs per process count (best is reported)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts of the runs")
+    parser.add_argument("--retry-max-pixels", type=int, default=None,
+                        help="override the stage's detector.retry_max_pixels (0 = no retry), to measure its cost")
     parser.add_argument("--encodings", action="store_true", help="also time every texture encoding")
     parser.add_argument("--skip-fit", action="store_true", help="leave out the fitting-only comparison with eos-py")
     args = parser.parse_args()
@@ -279,7 +288,7 @@ def main() -> None:
         bench_fit(MorphableModel.load(args.model), args.share, args.faces, args.eos_faces)
     for resolution in args.resolution:
         textures = bench_end_to_end(args.model, args.dictionary, args.photos, args.repeat, resolution, args.runs,
-                                    tuple(args.processes))
+                                    tuple(args.processes), args.retry_max_pixels)
         if args.encodings:
             bench_encodings(textures, resolution)
 

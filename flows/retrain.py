@@ -242,8 +242,8 @@ def retrain(root: str = ".", branch: str | None = None, allow_current_branch: bo
     the default ``retrain/<YYYY-MM-DD>``; ``stages``/``force`` are passed to the pipeline.
     """
     root_path = Path(root).resolve()
-    # DVC's API resolves stage names against the process's working directory (dvc 3.67's
-    # `Repo.status(targets=[name])` fails when it is outside the repository): run where `dvc repro` would.
+    # Parts of DVC's API resolve paths against the process's working directory (pull, push, metrics and
+    # params diffs, as flows.dvc_state notes for status and commit): run where `dvc repro` would.
     with contextlib.chdir(root_path):
         return _retrain(root_path, branch, allow_current_branch, threshold, accepted_ref, stages, force)
 

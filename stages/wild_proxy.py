@@ -27,9 +27,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from facedetail.config import content_key, input_path, run_only, set_level
+from facedetail.detail.photometric import PhotometricConfig, PhotometricRefiner
 from facedetail.dictionary.prior import ExpressionDictionary
 from facedetail.errors import SourceFileError
-from facedetail.features.landmarks import DetectorConfig
+from facedetail.features.landmarks import WILD_PHOTO_DETECTOR, DetectorConfig
 from facedetail.io.hashing import params_hash
 from facedetail.io.lineage import UNHASHED, input_name
 from facedetail.io.shards import build_shards, shard_tasks
@@ -60,10 +61,8 @@ DUPLICATES = "duplicates.parquet"
 SHEET = "contact_sheet.png"
 
 
-DETECTOR = DetectorConfig(multiple_faces="largest", min_score=0.5, retry_max_pixels=4_000_000)
-"""wild_proxy's detector defaults: the largest face scoring at least 0.5 (the astronaut's suit patch
-scores -0.05 in the PNG and 0.07-0.10 as a JPEG of quality 75-81, her face 1.5-1.6), and a retry up to
-4 MP (a 1024² photo is tried again at 1280², a 320² one at 640² and 1280²) when none is found."""
+DETECTOR = WILD_PHOTO_DETECTOR
+"""wild_proxy's detector defaults, shared with ``facedetail prior`` (see :data:`WILD_PHOTO_DETECTOR`)."""
 
 
 class WildProxyParams(StageParams):
@@ -103,6 +102,9 @@ class WildProxyParams(StageParams):
     """Camera and shape fit."""
     texture: TextureConfig = TextureConfig()
     """UV unwrapping."""
+    photometric: PhotometricConfig = PhotometricConfig()
+    """The optional photometric refinement of α and the camera after the landmark fit (off by default:
+    0.96x the mean face's shape error at ~2 s per photo, see the README)."""
     shard_size: int = Field(32, ge=1)
     """Photos per shard (and per fitting batch). A worker holds a shard's decoded photos (up to
     load.max_side² x 3 bytes each) until it is fitted: 32 x 1024² photos is 100 MB, which with one
@@ -147,8 +149,9 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
     # The photos count by content: a folder's files (or a list's text) were hashed at lineage START.
     key = content_key(params, {"photos": out.input_hash(source), "model": out.input_hash(model_path),
                                "dictionary": out.input_hash(dictionary_path)})
+    refine = PhotometricRefiner(params.fit, params.photometric) if params.photometric.enabled else None
     spec = ProxySpec({i.id: i for i in items}, model_path, dictionary_path, params.load, params.detector,
-                     params.fit, params.texture, key)
+                     params.fit, params.texture, key, refine)
     # Shards are reused only for the same params and the same photo list.
     shard_key = params_hash({"params": key, "items": [[i.id, i.relative, i.box] for i in items]})
     work_dir = root / STAGE.work_dir

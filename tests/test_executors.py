@@ -102,7 +102,9 @@ def test_dask_does_not_retry_bad_input(tmp_path: Path, dask_executor) -> None:
 
 
 def test_a_worker_that_does_not_see_the_work_folder_refuses(tmp_path: Path) -> None:
-    """What a worker on another machine without the shared filesystem meets: the probe is not there."""
+    """What a worker on another machine without the shared filesystem meets: the probe is not there. (Run here,
+    in the test process: the refusal comes before the per-process set-up, which would leave this process
+    with one BLAS thread and change later tests' float results.)"""
     work = tmp_path / "work"
     work.mkdir()
     job = plan_job(partial(MarkingWorker, tmp_path), lambda *a: None, [ShardTask("s", ("a",))], work, ["s"], [1])

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from facedetail.detail.photometric import PhotometricConfig, refine_photometric, vertex_visibility
 from facedetail.errors import FacedetailError
 from facedetail.io.seeds import item_rng
 from facedetail.proxy.fit import FitConfig, ProxyFitter
-from facedetail.detail.photometric import PhotometricConfig, refine_photometric, vertex_visibility
 from facedetail.render.faces import FaceRenderer
 from facedetail.render.sampling import SamplingConfig, sample_render
 

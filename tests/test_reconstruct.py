@@ -223,12 +223,12 @@ def test_max_fit_nme_sets_the_fits_nme_bound_and_no_pixel_bound(monkeypatch, tmp
 
     seen = []
 
-    class Stop(RuntimeError):
+    class StopError(RuntimeError):
         pass
 
-    def capture(self, model, dictionary, detail_net, config, device) -> None:  # noqa: ANN001
+    def capture(self, model, dictionary, detail_net, config, device) -> None:
         seen.append(config)
-        raise Stop("stopped after the config")  # the command reports it and exits 2: no model is loaded
+        raise StopError("stopped after the config")  # the command reports it and exits 2: no model is loaded
 
     monkeypatch.setattr(photo_mod.Reconstructor, "__init__", capture)
     for extra, expected in (([], 0.2), (["--max-fit-nme", "0.07"], 0.07)):

@@ -570,3 +570,22 @@ def test_the_contact_sheet_opens_on_the_worst_fits(built: Path) -> None:
     assert [r["nme"] for r in order] == sorted((r["nme"] for r in rows), reverse=True)
     sheet = decode_png((built / "data/wild_proxy/contact_sheet.png").read_bytes())
     assert sheet.shape[1] == 4 * 192 and sheet.shape[0] >= 192
+
+
+def test_photometric_refinement_is_wired_into_the_stage(built: Path, tmp_path: Path) -> None:
+    """`photometric.enabled: true` runs the refinement after the landmark fit on every usable face: α and the
+    camera change, the photometric term goes down, and the rows carry it; the fit's NME stays the fit's."""
+    root = tmp_path / "root"
+    for part in ("data/face_model", "data/dictionary", "data/wild_synth"):  # the stage's inputs only: other
+        shutil.copytree(built / part, root / part)                          # tests leave FIFOs in `built`
+    (root / "eos-share").symlink_to((built / "eos-share").resolve())
+    params = _params(photometric={"enabled": True, "iterations": 8})
+    wild_proxy.run(params, root)
+    before = {r["id"]: r for r in pq.read_table(built / "data/wild_proxy/proxies.parquet").to_pylist()}
+    after = [r for r in pq.read_table(root / "data/wild_proxy/proxies.parquet").to_pylist() if r["status"] == OK]
+    assert after and all(r["photometric_start"] is not None and r["photometric_end"] is not None for r in after)
+    assert np.mean([r["photometric_end"] < r["photometric_start"] for r in after]) >= 0.5
+    changed = [r for r in after if not np.allclose(r["alpha"], before[r["id"]]["alpha"])]
+    assert changed, "the refinement left every α as the landmark fit's"
+    assert all(r["nme"] == pytest.approx(before[r["id"]]["nme"]) for r in after)
+    assert all(before[r["id"]]["photometric_start"] is None for r in after), "off by default"

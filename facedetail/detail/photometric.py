@@ -43,7 +43,7 @@ from facedetail.errors import FacedetailError
 from facedetail.model.morphable import MorphableModel
 from facedetail.proxy.fit import Cameras, FitConfig, FitResult
 
-__all__ = ["PhotometricConfig", "PhotometricResult", "refine_photometric", "vertex_visibility"]
+__all__ = ["PhotometricConfig", "PhotometricRefiner", "PhotometricResult", "refine_photometric", "vertex_visibility"]
 
 
 class PhotometricConfig(Config):
@@ -317,3 +317,16 @@ def refine_photometric(model: MorphableModel, images: Sequence[np.ndarray], land
                                  lm_px.numpy().copy())
     finally:
         torch.set_num_threads(previous_threads)
+
+
+@dataclass(frozen=True)
+class PhotometricRefiner:
+    """:func:`refine_photometric` with its configs bound: the picklable refine step a ``wild_proxy`` worker
+    runs after the landmark fit (:attr:`facedetail.proxy.pipeline.ProxySpec.refine`)."""
+
+    fit_config: FitConfig
+    config: PhotometricConfig
+
+    def __call__(self, model: MorphableModel, images: Sequence[np.ndarray], landmarks: np.ndarray,
+                 fit: FitResult) -> PhotometricResult:
+        return refine_photometric(model, images, landmarks, fit, self.fit_config, self.config)

@@ -22,6 +22,7 @@ the path the renders went through.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from facedetail.dictionary.index import FeatureIndex, IndexConfig
 from facedetail.errors import FacedetailError, SourceFileError
 from facedetail.features.align import APPEARANCE_DIM, aligned_crop, appearance_features
 from facedetail.features.faceset import FaceAligner, FaceFraming
+from facedetail.features.landmarks import WILD_PHOTO_DETECTOR, DetectorConfig
 from facedetail.features.train import load_network, predict
 from facedetail.io.atomic import atomic_write_text
 from facedetail.io.decode import LoadConfig, LoadFailure, load_photo
@@ -268,18 +270,20 @@ class ExpressionDictionary:
         beta, labels = combine_neighbours(self.beta, self.labels, distances, ids, config.weighting)
         return PriorBatch(beta, [self.ids[i] for i in ids[:, 0]], labels, distances[:, 0].astype(np.float32))
 
-    def prior(self, images: Sequence[np.ndarray | Path | str], load: LoadConfig | None = None) -> list[Prior]:
+    def prior(self, images: Sequence[np.ndarray | Path | str], load: LoadConfig | None = None,
+              detector: DetectorConfig | None = None) -> list[Prior]:
         """β_prior of each photo (RGB/grey uint8 array or file path), one :class:`Prior` per photo, in order.
 
         Files go through the project's one decoder (:func:`facedetail.io.decode.load_photo` with ``load``,
         ``wild_proxy``'s defaults unless given): the same formats, size limits, corrupt-data checks and
-        conversions. Faces are found with the dictionary's detector, the one its renders went through
-        (the same detector settings and several-faces policy as ``wild_proxy``'s defaults), on the decoded
-        pixels, as ``wild_proxy`` finds them. A photo that cannot be decoded, has no usable face or fails
+        conversions. Faces are found on the decoded pixels with ``detector``, by default ``wild_proxy``'s
+        (:data:`~facedetail.features.landmarks.WILD_PHOTO_DETECTOR`: the largest face over a score floor, a
+        retry at a larger size when none is found), then cropped with the dictionary's framing, as
+        ``wild_proxy`` crops the faces it found. A photo that cannot be decoded, has no usable face or fails
         in any other way gets ``beta`` None and a one-line reason; it never costs the other photos their
         results. The found faces are looked up in one batch.
         """
-        aligner, _ = self._query_tools()
+        aligner, _ = self._query_tools(detector or WILD_PHOTO_DETECTOR)
         load = load or LoadConfig()
         results: list[Prior | None] = []
         crops, landmarks, where, warnings = [], [], [], {}
@@ -340,9 +344,10 @@ class ExpressionDictionary:
             self._net, _ = load_network(self.network_path)
         return self.framing, self._net
 
-    def _query_tools(self) -> tuple[FaceAligner, Any]:
-        """The aligner (with its detector: photos whose faces are not found yet) and the emotion network."""
+    def _query_tools(self, detector: DetectorConfig) -> tuple[FaceAligner, Any]:
+        """The aligner (finding faces with ``detector``, cropping with the dictionary's framing) and the
+        emotion network."""
         framing, net = self._network()
-        if self._aligner is None:
-            self._aligner = FaceAligner(framing)
+        if self._aligner is None or self._aligner.framing.detector != detector:
+            self._aligner = FaceAligner(dataclasses.replace(framing, detector=detector))
         return self._aligner, net

@@ -96,8 +96,8 @@ _CHECKED: set[tuple[str, str]] = set()
 
 def run_unit(unit: Unit, progress: Callable[[int], None] | None = None) -> Any:
     """Build (or re-use) this process's worker for ``unit.factory`` and run one unit of work."""
+    _check_shared_folder(unit.work_dir, unit.token)  # before the set-up: a refusing process stays as it was
     set_up_worker_process()
-    _check_shared_folder(unit.work_dir, unit.token)
     # One worker per job, not per factory: a long-lived cluster worker must not keep a model that a
     # later run changed on disk under the same path.
     worker = _WORKERS.get(unit.token)

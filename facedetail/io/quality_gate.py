@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from facedetail.io.report import metric
+
 Direction = Literal["lower", "higher"]
 MetricsSet = Mapping[str, Mapping[str, Any]]
 """Metrics files by path (``metrics/dictionary.json``), each its parsed JSON object."""
@@ -97,14 +99,8 @@ class Verdict:
         return tuple(c for c in self.checks if c.regressed)
 
 
-def lookup(data: Mapping[str, Any], dotted: str) -> Any:
-    """``data["a"]["b"]`` for ``"a.b"``; None when a key is missing."""
-    value: Any = data
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
-    return value
+lookup = metric
+"""``data["a"]["b"]`` for ``"a.b"``; None when a key is missing (the summary's :func:`~facedetail.io.report.metric`)."""
 
 
 def _number(value: Any) -> float | None:

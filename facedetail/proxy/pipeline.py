@@ -11,7 +11,7 @@ with ids ``<photo id>#1``, ``#2``, ... (largest first; :func:`face_rows` flatten
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from facedetail.features.landmarks import DetectorConfig, LandmarkDetector
 from facedetail.io.hashing import canonical_json, sha256_bytes
 from facedetail.io.shards import ShardTask, write_tar_shard
 from facedetail.model.morphable import MorphableModel
-from facedetail.proxy.fit import FitConfig, ProxyFitter
+from facedetail.proxy.fit import Cameras, FitConfig, FitResult, ProxyFitter
 from facedetail.proxy.inputs import InputItem, Listing, LoadConfig, LoadedPhoto, LoadFailure, load_photo
 from facedetail.proxy.texture import TEXTURE_EXT, TextureConfig, UVTexels, encode_texture, unwrap
 
@@ -81,6 +81,11 @@ class ProxySpec:
     fit: FitConfig
     texture: TextureConfig
     params_hash: str
+    refine: Callable[..., Any] | None = None
+    """The optional photometric refinement after the landmark fit
+    (``refine(model, images, landmarks, fit) -> PhotometricResult``, e.g.
+    :class:`facedetail.detail.photometric.PhotometricRefiner`); None: the landmark fit only. Given by the
+    stage, so that this package does not import ``detail`` (which imports it)."""
 
 
 @dataclass
@@ -180,6 +185,9 @@ class ProxyShardWorker:
         landmarks = np.stack([f.landmarks for f in faces])
         prior = self.dictionary.prior_for_faces([f.photo.rgb for f in faces], landmarks)
         result = self.fitter.fit(landmarks, prior.beta)
+        photometric = self._refine(faces, landmarks, result) if spec.refine is not None else None
+        if photometric is not None:
+            result, refined = photometric
         angles = result.cameras.angles_deg()
         samples = []
         for i, face in enumerate(faces):
@@ -200,6 +208,10 @@ class ProxyShardWorker:
                 "reprojection_px": float(result.reprojection_px[i] * to_original_px),
                 "nme": float(result.nme[i]),
             }
+            if photometric is not None and result.status[i] == OK:
+                fit_row.update(photometric_start=float(refined.photometric_start[i]),
+                               photometric_end=float(refined.photometric_end[i]),
+                               photometric_landmark_px=float(refined.landmark_px[i] * to_original_px))
             status = result.status[i]
             if status != OK:
                 rows[face.row_id] = self._row(face.item, face.photo, face, status=QUARANTINED, reason=status,
@@ -222,6 +234,20 @@ class ProxyShardWorker:
                                           sha256=sha256_bytes(png), bytes=len(png),
                                           texture_coverage=float(unwrapped.mask.mean()), **fit_row)
         return samples
+
+    def _refine(self, faces: list[_Face], landmarks: np.ndarray, result: FitResult) -> tuple[FitResult, Any]:
+        """The landmark fit with α and the cameras of its usable faces replaced by the photometric refinement's
+        (faces the fit already rejected keep their fit and status)."""
+        refined = self.spec.refine(self.model, [f.photo.rgb for f in faces], landmarks, result)
+        keep = np.array([s == OK for s in result.status])
+
+        def pick(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+            return np.where(keep.reshape(-1, *([1] * (old.ndim - 1))), new, old)
+
+        cameras = Cameras(pick(refined.cameras.scale, result.cameras.scale),
+                          pick(refined.cameras.rotation, result.cameras.rotation),
+                          pick(refined.cameras.translation, result.cameras.translation))
+        return replace(result, alpha=pick(refined.alpha, result.alpha), cameras=cameras), refined
 
     def _row(self, item: InputItem, photo: LoadedPhoto | None, face: _Face | None, **values: Any) -> dict[str, Any]:
         """One proxies.parquet row; geometry in the original photo's pixels."""
@@ -256,6 +282,10 @@ PROXY_SCHEMA = pa.schema([
     ("yaw_deg", pa.float64()),
     ("pitch_deg", pa.float64()), ("roll_deg", pa.float64()), ("residuals_px", _list(pa.float64())),
     ("reprojection_px", pa.float64()), ("nme", pa.float64()), ("face_frame_scale", pa.float64()),
+    # The photometric refinement (null unless enabled): its mean Huber photometric term before and after,
+    # and its final landmark error in original-photo px (nme and reprojection_px stay the landmark fit's).
+    ("photometric_start", pa.float64()), ("photometric_end", pa.float64()),
+    ("photometric_landmark_px", pa.float64()),
     ("fixed_error_px", pa.float64()), ("fixed_nme", pa.float64()), ("eos_fixed_error_px", pa.float64()),
     ("eos_fixed_nme", pa.float64()), ("eos_yaw_deg", pa.float64()), ("eos_pitch_deg", pa.float64()),
     ("eos_roll_deg", pa.float64()), ("key", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
