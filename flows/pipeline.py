@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
@@ -112,14 +117,8 @@ class PrefectShards:
             result = future.result()
             done += job.weights[i]
             progress(job.weights[i])
-            _update_progress(artifact, 100.0 * done / total)
+            update_progress_artifact(artifact, 100.0 * done / total)
             yield i, result
-
-
-def _update_progress(artifact_id: Any, percent: float) -> None:
-    from prefect.artifacts import update_progress_artifact
-
-    update_progress_artifact(artifact_id, percent)
 
 
 @contextlib.contextmanager

@@ -214,7 +214,7 @@ def report_markdown(*, root: Path, verdict: Verdict, accepted_ref: str, accepted
                     looks: Sequence[str]) -> str:
     """The ``retrain-report`` artifact."""
     base = f"`{accepted_ref}` = `{accepted[:12]}`" if accepted else f"none yet (`{accepted_ref}` does not exist)"
-    ran_names = [r["stage"] for r in ran if r.get("ran", True)]
+    ran_names = [r["stage"] for r in ran if r["ran"]]
     lines = [f"# Retraining run of `{root}`", "", f"Accepted run: {base}. "
              f"Stages run: {', '.join(ran_names) if ran_names else 'none (all up to date)'}.", "",
              "## Quality gate", "", verdict_markdown(verdict), "## Outcome", "", *[f"* {o}" for o in outcome], ""]
@@ -267,10 +267,7 @@ def _retrain(root_path: Path, branch: str | None, allow_current_branch: bool, th
                          f"(branch {target!r}, accepted ref {ref!r}): pass allow_current_branch to allow it")
 
     pulled = dvc_pull(str(root_path))
-    kwargs: dict[str, Any] = {"root": str(root_path), "stages": stages}
-    if force:
-        kwargs["force"] = True
-    ran = pipeline(**kwargs)
+    ran = pipeline(root=str(root_path), stages=stages, force=force)
     stale = dvc_status(str(root_path))
     if stale:
         raise RuntimeError(f"after the pipeline, dvc status is not clean (a stage that ran is not recorded in "
@@ -282,7 +279,7 @@ def _retrain(root_path: Path, branch: str | None, allow_current_branch: bool, th
     verdict = evaluate_gate(old, new, gated, relative=rel, absolute=settings.absolute)
     diff = diffs(str(root_path), accepted) if accepted else None
     looks = look_at(root_path)
-    rows = [{"stage": r["stage"], "ran": bool(r.get("ran", True)), "summary": str(r.get("summary", ""))[:200]}
+    rows = [{"stage": r["stage"], "ran": bool(r["ran"]), "summary": str(r.get("summary", ""))[:200]}
             for r in ran]
     create_table_artifact(key="retrain-stages", table=rows or [{"stage": "-", "ran": False, "summary": ""}],
                           description=f"retraining of {root_path}: {sum(r['ran'] for r in rows)} of {len(rows)} "

@@ -17,7 +17,6 @@ from facedetail.errors import InterruptedRunError, SourceFileError
 from facedetail.io.executors import (
     PROBE_NAME,
     DaskExecutor,
-    LocalPool,
     RayExecutor,
     SharedFolderError,
     executor_from_url,
@@ -125,7 +124,6 @@ def test_executor_urls() -> None:
     assert executor_from_url("ray") == RayExecutor(None, 2)
     with pytest.raises(ValueError, match="expected local, dask"):
         executor_from_url("spark://x")
-    assert isinstance(LocalPool(2), LocalPool)
 
 
 def test_ray_builds_the_same_bytes_and_retries_a_killed_worker(tmp_path: Path,
