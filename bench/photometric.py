@@ -1,9 +1,12 @@
 """Benchmark: photometric refinement vs the landmark-only fit vs the mean face, on the synthetic wild set.
 
     python bench/photometric.py [--proxies data/wild_proxy/proxies.parquet] [--truth data/wild_synth/truth.parquet]
-                                [--images data/wild_synth/images] [--limit 0] [--batch 16] [--iterations 60]
+                                [--images data/wild_synth/images] [--limit 0] [--batch 16] [--iterations 120]
                                 [--photo-weight 300] [--camera|--no-camera] [--shape-lambda L]
+                                [--landmark-sigma2 S2] [--fov DEG [--refine-focal] | --orthographic]
+                                [--blur-levels 0 0] [--shape-from-level 1] [--lr-pose 0.01]
                                 [--threads 0] [--split all|even|odd]
+                                [--start fit|truth|truth-camera|truth-shape] [--true-landmarks]
 
 For every fitted row of ``wild_proxy`` that has a truth row: the photo is decoded as the stage decodes
 it, the landmark fit is re-run here (``ProxyFitter`` with ``FitConfig()``'s defaults) on the row's
@@ -18,6 +21,13 @@ landmarks and β_prior, so both fits come from the same code in the same run; th
   on the model's vertices (both meshes share the topology; synthetic truth, not FaceScape's scans);
 * the photometric term before/after and the refinement's cost per photo (wall and CPU time / photo),
   beside the landmark fit's cost per photo measured in the same run.
+
+``--start truth…`` and ``--true-landmarks`` are oracle diagnostics, never a method: the refinement starts
+from the true α and β (``truth-shape``), the true camera (``truth-camera``, in the refinement's camera model)
+or both (``truth``), and/or the fit and the refinement use the true landmarks. They tell whether the energy's
+minimum lies at the truth (a start there stays) and which of shape and camera the optimiser fails to find.
+Printed with them, and always: the camera error, the mean pixel distance between the true mesh placed by a
+camera and by the true camera.
 
 ``--split even|odd`` measures only the rows of even / odd position (sorted by id), so that a setting can be
 chosen on one half and reported on the other.
@@ -62,6 +72,33 @@ def subset(fit: FitResult, rows: slice) -> FitResult:
                                          if f.name != "cameras"})
 
 
+def truth_cameras(rows: list[dict[str, Any]], truth: dict[str, dict[str, Any]], model: MorphableModel,
+                  images: list[np.ndarray], perspective: bool) -> Cameras:
+    """The true cameras in the refinement's convention (decoded pixels, y up): for a pinhole refinement the
+    render's own (scale = focal / depth of the model origin); for an orthographic one the least-squares
+    scaled orthographic camera of the true mesh's perspective projection (the closest the model can get)."""
+    scales, rotations, shifts = [], [], []
+    for r, im in zip(rows, images, strict=True):
+        g = truth[r["path"]]
+        rotation = np.diag([1.0, -1.0, -1.0]) @ np.asarray(g["R"]).reshape(3, 3)  # OpenCV axes to y up, z to viewer
+        t = np.asarray(g["t"])
+        if perspective:
+            scale = g["focal_px"] * r["decode_scale"] / t[2]
+            shift = [scale * t[0] + (im.shape[1] - 1) / 2, -(scale * t[1]) - (im.shape[0] - 1) / 2]
+        else:
+            verts = np.asarray(model.vertices(np.asarray(g["alpha"]), np.asarray(g["beta"])), np.float64)
+            h = np.c_[verts, np.ones(len(verts))] @ np.asarray(g["P"]).reshape(3, 4).T
+            target = to_decoded(h[:, :2] / h[:, 2:], r["decode_scale"]) * [1.0, -1.0]
+            xy = verts @ rotation[:2].T
+            design = np.zeros((2 * len(verts), 3))
+            design[0::2, 0], design[1::2, 0], design[0::2, 1], design[1::2, 2] = xy[:, 0], xy[:, 1], 1.0, 1.0
+            scale, *shift = np.linalg.lstsq(design, target.ravel(), rcond=None)[0]
+        scales.append(scale)
+        rotations.append(rotation)
+        shifts.append(shift)
+    return Cameras(np.array(scales, np.float64), np.array(rotations), np.array(shifts, np.float64))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proxies", type=Path, default=Path("data/wild_proxy/proxies.parquet"))
@@ -74,11 +111,26 @@ def main() -> None:
     parser.add_argument("--photo-weight", type=float, default=PhotometricConfig().photo_weight)
     parser.add_argument("--photo-sigma", type=float, default=PhotometricConfig().photo_sigma)
     parser.add_argument("--lr-alpha", type=float, default=PhotometricConfig().lr_alpha)
-    parser.add_argument("--shape-lambda", type=float, default=None, help="λ of α (default: the fit's)")
+    parser.add_argument("--shape-lambda", type=float, default=PhotometricConfig().shape_lambda, help="λ of α")
+    parser.add_argument("--landmark-sigma2", type=float, default=PhotometricConfig().landmark_sigma2,
+                        help="σ² (px² in the face frame) of the landmark term")
+    parser.add_argument("--fov", type=float, default=PhotometricConfig().fov_deg,
+                        help="perspective camera of this vertical field of view (degrees)")
+    parser.add_argument("--orthographic", action="store_true", help="the landmark fit's scaled orthographic camera")
+    parser.add_argument("--refine-focal", action="store_true", help="with --fov: optimise the focal length too")
+    parser.add_argument("--shape-from-level", type=int, default=PhotometricConfig().shape_from_level,
+                        help="α held at the landmark fit's before this blur level (camera, light, albedo first)")
+    parser.add_argument("--lr-pose", type=float, default=PhotometricConfig().lr_pose)
+    parser.add_argument("--blur-levels", type=float, nargs="+", default=list(PhotometricConfig().blur_levels),
+                        help="coarse-to-fine blur σ per level (px at a 100 px face)")
     parser.add_argument("--camera", action=argparse.BooleanOptionalAction, default=PhotometricConfig().refine_camera,
                         help="refine the camera too (default: PhotometricConfig's)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--split", choices=["all", "even", "odd"], default="all")
+    parser.add_argument("--start", choices=["fit", "truth", "truth-camera", "truth-shape"], default="fit",
+                        help="oracle diagnostics: start the refinement from the true α and β, camera, or both")
+    parser.add_argument("--true-landmarks", action="store_true",
+                        help="oracle diagnostic: fit and refine against the true landmarks, not the detector's")
     args = parser.parse_args()
 
     model = MorphableModel.load(args.model)
@@ -95,7 +147,10 @@ def main() -> None:
     photo_cfg = PhotometricConfig(iterations=args.iterations, photo_weight=args.photo_weight,
                                   photo_sigma=args.photo_sigma, lr_alpha=args.lr_alpha,
                                   refine_camera=args.camera, threads=args.threads,
-                                  shape_lambda=args.shape_lambda)
+                                  shape_lambda=args.shape_lambda, landmark_sigma2=args.landmark_sigma2,
+                                  fov_deg=None if args.orthographic else args.fov, refine_focal=args.refine_focal,
+                                  blur_levels=tuple(args.blur_levels), shape_from_level=args.shape_from_level,
+                                  lr_pose=args.lr_pose)
     fitter = ProxyFitter(model, fit_cfg)
     images, landmarks = [], []
     for r in rows:
@@ -105,30 +160,44 @@ def main() -> None:
         if abs(photo.scale - r["decode_scale"]) > 1e-9:
             raise SystemExit(f"{r['path']}: decoded at {photo.scale}, the stage at {r['decode_scale']}")
         images.append(photo.rgb)
-        landmarks.append(to_decoded(np.asarray(r["landmarks"], np.float64).reshape(68, 2), r["decode_scale"]))
+        source = truth[r["path"]] if args.true_landmarks else r
+        landmarks.append(to_decoded(np.asarray(source["landmarks"], np.float64).reshape(68, 2), r["decode_scale"]))
     landmarks_arr = np.stack(landmarks)
     beta = np.array([r["beta"] for r in rows], np.float64)
 
     t0, c0 = time.perf_counter(), time.process_time()
     fit = fitter.fit(landmarks_arr, beta)
     fit_wall, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
-    refined_alpha, photo_start, photo_end, lm_px = [], [], [], []
+    start = fit
+    true_cameras = truth_cameras(rows, truth, model, images, photo_cfg.fov_deg is not None)
+    if args.start in ("truth", "truth-shape"):
+        start = replace(start, alpha=np.array([truth[r["path"]]["alpha"] for r in rows], np.float64),
+                        beta=np.array([truth[r["path"]]["beta"] for r in rows], np.float64))
+    if args.start in ("truth", "truth-camera"):
+        start = replace(start, cameras=true_cameras)
+    true_verts = np.asarray(model.vertices(np.array([truth[r["path"]]["alpha"] for r in rows]),
+                                           np.array([truth[r["path"]]["beta"] for r in rows])), np.float64)
+    cameras_out = []
+    refined_alpha, photo_start, photo_end, lm_px, fov = [], [], [], [], []
     t0, c0 = time.perf_counter(), time.process_time()
     for i0 in range(0, len(rows), args.batch):
         sl = slice(i0, i0 + args.batch)
-        sub = subset(fit, sl)
+        sub = subset(start, sl)
         got = refine_photometric(model, images[sl], landmarks_arr[sl], sub, fit_cfg, photo_cfg)
+        cameras_out.append(got.cameras)
         refined_alpha.append(got.alpha)
         photo_start.append(got.photometric_start)
         photo_end.append(got.photometric_end)
         lm_px.append(got.landmark_px)
+        if got.focal_px is not None:
+            fov.append(np.degrees(2 * np.arctan(np.array([im.shape[0] for im in images[sl]]) / 2 / got.focal_px)))
         print(f"  batch {i0 // args.batch + 1}: {len(got.alpha)} photos, {time.perf_counter() - t0:.1f} s so far",
               flush=True)
     ref_wall, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
     alpha_ref = np.concatenate(refined_alpha)
 
     def measured(alpha: np.ndarray) -> dict[str, Any]:
-        fake = [{**r, "alpha": a.tolist(), "beta": b.tolist()} for r, a, b in zip(rows, alpha, fit.beta, strict=True)]
+        fake = [{**r, "alpha": a.tolist(), "beta": b.tolist()} for r, a, b in zip(rows, alpha, start.beta, strict=True)]
         return truth_metrics(args.truth, model, fake, fit_cfg)
 
     landmark_only, refined = measured(fit.alpha), measured(alpha_ref)
@@ -139,13 +208,16 @@ def main() -> None:
     for i, g in enumerate(gts):
         a_gt, b_gt = np.asarray(g["alpha"]), np.asarray(g["beta"])
         cham["landmark_only"].append(chamfer(model, fit.alpha[i], fit.beta[i], a_gt, b_gt, surface))
-        cham["refined"].append(chamfer(model, alpha_ref[i], fit.beta[i], a_gt, b_gt, surface))
+        cham["refined"].append(chamfer(model, alpha_ref[i], start.beta[i], a_gt, b_gt, surface))
         cham["mean_face"].append(chamfer(model, np.zeros_like(a_gt), fit.beta[i], a_gt, b_gt, surface))
 
     n = len(rows)
     print(f"{n} photos ({args.split}), batch {args.batch}, {photo_cfg.iterations} iterations, photo_weight "
           f"{photo_cfg.photo_weight}, photo_sigma {photo_cfg.photo_sigma}, camera refined {photo_cfg.refine_camera}, "
-          f"shape_lambda {photo_cfg.shape_lambda}")
+          f"shape_lambda {photo_cfg.shape_lambda}, landmark_sigma2 {photo_cfg.landmark_sigma2}, "
+          f"fov {photo_cfg.fov_deg} "
+          f"(focal refined {photo_cfg.refine_focal}), blur levels {photo_cfg.blur_levels}, shape from level "
+          f"{photo_cfg.shape_from_level}, lr_pose {photo_cfg.lr_pose}")
     print(f"  {'':<32} {'shape err mm':>12} {'median':>8} {'/ mean face':>11} {'chamfer mm':>11}")
     for name, m, c in (("mean face (alpha = 0)", None, cham["mean_face"]),
                        ("landmark fit", landmark_only, cham["landmark_only"]),
@@ -153,8 +225,22 @@ def main() -> None:
         err = landmark_only["shape_error_mm_mean_face"] if m is None else m["shape_error_mm"]
         print(f"  {name:<32} {err['mean']:12.4f} {err['median']:8.4f} {err['mean'] / mean_face:11.3f} "
               f"{np.nanmean(c):11.4f}")
+    if fov:
+        print(f"  final vertical fov (deg): {summarize(np.concatenate(fov))}")
     ratio = refined["shape_error_mm"]["mean"] / mean_face
     print(f"  goal refined <= 0.8 x mean face: {ratio:.3f} -> {'met' if ratio <= 0.8 else 'NOT met'}")
+    if args.start != "fit" or args.true_landmarks:
+        print(f"  ORACLE DIAGNOSTIC (start {args.start}, true landmarks {args.true_landmarks}): uses the truth; the "
+              f"start's shape error {measured(start.alpha)['shape_error_mm']['mean']:.4f} mm")
+
+    def camera_px(cams: Cameras) -> np.ndarray:
+        """Mean distance (px) between the true mesh placed by ``cams`` and by the true camera (orthographic part)."""
+        return np.linalg.norm(cams.project(true_verts) - true_cameras.project(true_verts), axis=2).mean(1)
+
+    refined_cams = Cameras(*(np.concatenate([getattr(c, k) for c in cameras_out])
+                             for k in ("scale", "rotation", "translation")))
+    print(f"  camera error (true mesh, px): start {summarize(camera_px(start.cameras))}, "
+          f"refined {summarize(camera_px(refined_cams))}")
     better = int((np.linalg.norm(model.vertices(alpha_ref) - model.vertices(np.array([g['alpha'] for g in gts])),
                                  axis=2).mean(1) <
                   np.linalg.norm(model.vertices(fit.alpha) - model.vertices(np.array([g['alpha'] for g in gts])),

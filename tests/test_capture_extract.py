@@ -71,6 +71,102 @@ def test_raster_of_the_surrey_layout(sfm_model) -> None:
     np.testing.assert_allclose(got, raster.texel_uv[raster.covered], atol=1e-6)
 
 
+def numpy_rasterize_uv(uv, triangles, R: int, chunk_texels: int = 4_000_000, eps: float = 1e-12):
+    """The NumPy rasterizer that the compiled loop replaced (commit 35f44b3), verbatim, as the oracle for
+    its bytes: triangles' padded bounding boxes evaluated in chunks, the claims sorted by (texel, triangle)."""
+    tri = np.asarray(triangles, np.int64)
+    # Continuous texel coordinates: texel centres sit on integers.
+    pix = np.asarray(uv, np.float64) * R - 0.5
+    corners = pix[tri]  # (T, 3, 2), x = column, y = row
+    lo = np.ceil(corners.min(axis=1)).astype(np.int64)
+    hi = np.floor(corners.max(axis=1)).astype(np.int64)
+    lo = np.maximum(lo, 0)
+    hi = np.minimum(hi, R - 1)
+    size = hi - lo + 1  # (T, 2) bbox width, height in texels
+    e1 = corners[:, 1] - corners[:, 0]
+    e2 = corners[:, 2] - corners[:, 0]
+    area2 = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    live = np.flatnonzero((size > 0).all(axis=1) & (np.abs(area2) > 0))
+    # Chunks of triangles with similar bounding boxes, each padded to its largest box.
+    order = live[np.argsort(size[live, 0] * size[live, 1], kind="stable")]
+    texel_ids, tri_ids, barys, interior = [], [], [], []
+    start = 0
+    while start < order.size:
+        h = w = 1
+        stop = start
+        while stop < order.size:
+            t = order[stop]
+            nh, nw = max(h, size[t, 1]), max(w, size[t, 0])
+            if (stop - start + 1) * nh * nw > chunk_texels and stop > start:
+                break
+            h, w, stop = nh, nw, stop + 1
+        chunk = order[start:stop]
+        start = stop
+        rows = lo[chunk, 1, None, None] + np.arange(h)[None, :, None]  # (n, h, 1)
+        cols = lo[chunk, 0, None, None] + np.arange(w)[None, None, :]  # (n, 1, w)
+        in_box = (rows <= hi[chunk, 1, None, None]) & (cols <= hi[chunk, 0, None, None])
+        dx = cols - corners[chunk, 0, 0, None, None]
+        dy = rows - corners[chunk, 0, 1, None, None]
+        inv = 1.0 / area2[chunk, None, None]
+        b1 = (dx * e2[chunk, 1, None, None] - dy * e2[chunk, 0, None, None]) * inv
+        b2 = (dy * e1[chunk, 0, None, None] - dx * e1[chunk, 1, None, None]) * inv
+        b0 = 1.0 - b1 - b2
+        inside = in_box & (b0 >= -eps) & (b1 >= -eps) & (b2 >= -eps)
+        n_idx, r_idx, c_idx = np.nonzero(inside)
+        rr = rows[n_idx, r_idx, 0]
+        cc = cols[n_idx, 0, c_idx]
+        texel_ids.append(rr * R + cc)
+        tri_ids.append(chunk[n_idx])
+        b = np.stack([b0[inside], b1[inside], b2[inside]], axis=1)
+        barys.append(np.clip(b, 0.0, 1.0))
+        interior.append((b > eps).all(axis=1))
+    triangle = np.full(R * R, -1, np.int32)
+    bary = np.zeros((R * R, 3))
+    overlap = 0
+    if texel_ids:
+        texel = np.concatenate(texel_ids)
+        owner = np.concatenate(tri_ids)
+        b_all = np.concatenate(barys)
+        strict = np.concatenate(interior)
+        # Lowest triangle index wins a texel: sort by (texel, triangle) and keep each texel's first.
+        key = np.lexsort((owner, texel))
+        texel, owner, b_all, strict = texel[key], owner[key], b_all[key], strict[key]
+        first = np.ones(texel.size, bool)
+        first[1:] = texel[1:] != texel[:-1]
+        triangle[texel[first]] = owner[first]
+        bary[texel[first]] = b_all[first] / b_all[first].sum(axis=1, keepdims=True)
+        _, claims = np.unique(texel[strict], return_counts=True)
+        overlap = int((claims > 1).sum())
+    return triangle.reshape(R, R), bary.reshape(R, R, 3), overlap
+
+
+def assert_same_raster_bytes(uv, triangles, R: int) -> None:
+    got = rasterize_uv(uv, triangles, R)
+    triangle, bary, overlap = numpy_rasterize_uv(uv, triangles, R)
+    assert got.triangle.dtype == triangle.dtype and got.bary.dtype == bary.dtype
+    assert got.triangle.tobytes() == triangle.tobytes()
+    assert got.bary.tobytes() == bary.tobytes()  # bytes, so -0.0 and 0.0 differ too
+    assert got.overlap_texels == overlap
+
+
+def test_raster_is_the_numpy_rasterizers_bytes_on_hand_made_layouts() -> None:
+    square = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    ccw, cw = np.array([[0, 1, 2], [0, 2, 3]]), np.array([[0, 2, 1], [0, 3, 2]])
+    # Clockwise triangles give -0.0 barycentrics on the shared edge; the bytes must keep their sign.
+    assert np.signbit(numpy_rasterize_uv(square, cw, 37)[1]).any()
+    rng = np.random.default_rng(3)
+    scattered = rng.uniform(-0.2, 1.2, (60, 2))  # off-chart corners, overlaps, zero-area repeats
+    cases = [(square, ccw, 37), (square, cw, 37), (square, ccw, 1), (square, np.array([[0, 1, 2], [0, 1, 2]]), 16),
+             (scattered, rng.integers(0, 60, (200, 3)), 97)]
+    for uv, faces, R in cases:
+        assert_same_raster_bytes(uv, faces, R)
+
+
+@pytest.mark.parametrize("R", [256, 1024])
+def test_raster_is_the_numpy_rasterizers_bytes_on_the_surrey_layout(sfm_model, R) -> None:
+    assert_same_raster_bytes(sfm_model.uv, sfm_model.triangles, R)
+
+
 def test_plane_with_a_bump_and_a_dent_gives_them_back() -> None:
     def height(X, Y):
         return bump(X, Y) + bump(X, Y, amp=-0.3, cx=-20.0, cy=15.0, sigma=3.0)

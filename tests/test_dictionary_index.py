@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from types import SimpleNamespace
 
@@ -146,6 +147,29 @@ def test_screened_l1_threads_give_identical_results(data):
     two = ScreenedL1(entries, threads=2).search(many, k=2)
     for a, b in zip(one, two, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# sha256 of (distances, ids, exact rescorings) on the problem below, as the factory-made closure
+# kernels of commit d337dc4 returned them (before the kernels became module-level and disk-cached);
+# the same for both backends, since the answer is exact and ties go to the lowest id.
+PREVIOUS_KERNEL_DIGESTS = {
+    1: "03c675d69bd2487f6f36089b7f89e54e0bec767fff145e285305364405011d29",
+    7: "cf0823ef2b036eacf4d3b46f44c3db6276e0cf5eb45573374d322537ba8e8b92",
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 7])
+def test_screened_l1_gives_the_previous_kernels_bytes(backend, k):
+    # RandomState: NumPy keeps its streams fixed across versions, so the problem is the same bytes.
+    rs = np.random.RandomState(2026)
+    centres = rs.standard_normal((60, DIM))
+    entries = (centres[rs.randint(0, 60, 3000)] + 0.7 * rs.standard_normal((3000, DIM))).astype(np.float32)
+    queries = (centres[rs.randint(0, 60, 700)] + 0.7 * rs.standard_normal((700, DIM))).astype(np.float32)
+    screen = ScreenedL1(entries, backend=backend, threads=2)
+    d, i = screen.search(queries, k=k)
+    digest = hashlib.sha256(d.tobytes() + i.tobytes() + np.int64(screen.scored).tobytes()).hexdigest()
+    assert digest == PREVIOUS_KERNEL_DIGESTS[k]
 
 
 def test_index_uses_the_screen_and_reports_a_cpu_without_it(small, monkeypatch):

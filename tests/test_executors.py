@@ -172,3 +172,16 @@ def test_a_dead_local_pool_worker_is_an_interrupted_run(tmp_path: Path) -> None:
     """The local pool does not retry a lost worker (it has no spare): the run stops, finished shards kept."""
     with pytest.raises(InterruptedRunError, match="run again to resume"):
         _build(tmp_path / "work", tmp_path / "marks", kill_on="shard-00001")
+
+
+class UnbuildableWorker:
+    def __init__(self) -> None:
+        raise ValueError("corrupt model: no such component")
+
+
+def test_a_worker_that_cannot_be_built_raises_its_own_error_in_the_local_pool(tmp_path: Path) -> None:
+    """Built in the worker processes only (no trial build in the planning process): the factory's error comes
+    back as itself, not as a dead pool."""
+    tasks = shard_tasks([f"i{k:02d}" for k in range(8)], 2)
+    with pytest.raises(ValueError, match="corrupt model"):
+        build_shards(tasks, tmp_path / "work", "key", UnbuildableWorker, workers=2)

@@ -4,7 +4,7 @@ After :class:`facedetail.proxy.fit.ProxyFitter` has fitted α and a scaled ortho
 landmarks, this optimises, for a batch of faces at once (torch, CPU, Adam), the MAP energy
 
     E = w_p · mean_visible H((I(π(v)) - a(γ) ⊙ S(R n)) / σ_I)      photometric, per vertex
-      + Σ_landmarks |π(v_l) - x_l|² · k² / σ²                        the fit's landmark term
+      + Σ_landmarks |π(v_l) - x_l|² · k² / σ²                        the landmark term
       + λ |α|² + λ_γ |γ|² + λ_sh |c - c₀|²                           the priors
 
 where ``I`` is the photo (linear RGB in [0, 1], sampled bilinearly), ``π`` the camera, ``a(γ)`` the
@@ -12,8 +12,22 @@ model's per-vertex albedo, ``S`` the detail network's SH shading
 (:func:`facedetail.detail.shading.render_uv`, here on a (B, 3, V, 1) "map" of vertices: the same
 basis, convention and clamping as the re-rendering loss), ``R n`` the vertex normals in the camera
 frame, ``H`` the Huber function (clutter and hair in front of the face are outliers, not signal),
-``k`` the fit's face-frame scale, so that σ² and λ are the landmark fit's own (λ = 30, σ² = 3 px² at
-a 100 px face) and the refinement starts from the landmark fit's optimum of those two terms.
+``k`` the fit's face-frame scale, so that σ² (px² at a ``face_size`` face) and λ are on the landmark
+fit's scale.
+
+**Settings, and why they differ from the landmark fit's** (measured on the synthetic wild set with
+``bench/photometric.py``; the diagnosis is in the README):
+
+* ``π`` is a pinhole camera (``fov_deg``, principal point at the image centre, distance = focal /
+  scale), started at the landmark fit's camera. An orthographic camera can explain a face's ±4 %
+  perspective only with another shape. The focal itself is not identified by this energy (freed,
+  it drifts), so it is fixed at a generic 30°; 15°–50° give the same error within 0.02x.
+* σ² = 64 px², not the fit's 3: the detector's landmarks are ~8 px off, and at σ² = 3 the landmark
+  term pulls a start at the true face 5 mm away from it. λ = 3, not the fit's 30: at λ = 30 the prior
+  (|α|² ≈ 63 for a true face) moves a start at the true face, even with the true landmarks, 3.3 mm away.
+* Two stages (``blur_levels``, ``shape_from_level``): first the camera, lighting and albedo with α
+  held at the landmark fit's, then everything. Started together, α absorbs the landmark fit's
+  camera error (~8 px) instead of the camera correcting it.
 
 **Why per-vertex and not a differentiable rasteriser.** The energy is evaluated at the proxy's
 vertices (3,448 for the Surrey model: ~0.5 px apart on a 100 px face, so every face pixel is
@@ -31,10 +45,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual PyTorch alias)
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from facedetail.config import Config
@@ -51,22 +66,34 @@ class PhotometricConfig(Config):
 
     enabled: bool = False
     """Run the refinement after the landmark fit (a caller's switch; the function always runs)."""
-    iterations: int = Field(60, ge=1)
+    iterations: int = Field(120, ge=1)
     """Adam steps."""
     lr_alpha: float = Field(0.05, gt=0)
     """Adam step of α and γ (standard deviations)."""
     lr_light: float = Field(0.01, gt=0)
     """Adam step of the SH coefficients."""
-    lr_pose: float = Field(0.002, gt=0)
+    lr_pose: float = Field(0.01, gt=0)
     """Adam step of the camera's rotation (rad), log-scale and translation (fraction of the face size)."""
+    fov_deg: float | None = Field(30.0, gt=0, lt=120)
+    """Perspective camera of this vertical field of view (focal = height / 2 / tan(fov / 2), principal point at
+    the image centre; the distance follows from the fit's scale, focal / scale); None: the landmark fit's scaled
+    orthographic camera. At 1–1.6 m a face's depth changes its scale by ±4 %, which an orthographic
+    camera can only explain with a different shape."""
+    refine_focal: bool = False
+    """With ``fov_deg``: optimise the focal length too (log-scale, from ``fov_deg``)."""
+    lr_focal: float = Field(0.02, gt=0)
+    """Adam step of the log focal length."""
     refine_camera: bool = True
     """Optimise the camera with the shape (else it stays the landmark fit's)."""
     photo_weight: float = Field(300.0, ge=0)
     """w_p: weight of the mean per-vertex photometric term (0: landmarks and priors only)."""
     photo_sigma: float = Field(0.05, gt=0)
     """σ_I: intensity noise (linear RGB in [0, 1]); residuals beyond it count linearly (Huber)."""
-    shape_lambda: float | None = Field(None, ge=0)
+    shape_lambda: float | None = Field(3.0, ge=0)
     """λ of α in the refinement (None: the landmark fit's ``shape_lambda``, the release's 30)."""
+    landmark_sigma2: float | None = Field(64.0, gt=0)
+    """σ² (px² in the face frame) of the landmark term in the refinement (None: the landmark fit's
+    ``landmark_sigma2``). The detector's landmarks are several pixels off, far more than the fit's σ."""
     albedo_lambda: float = Field(1.0, ge=0)
     """λ_γ: prior on the albedo coefficients (standard deviations)."""
     light_lambda: float = Field(0.01, ge=0)
@@ -77,10 +104,26 @@ class PhotometricConfig(Config):
     """Z-buffer cell size on the face (mm)."""
     depth_tolerance_mm: float = Field(3.0, gt=0)
     """A vertex is occluded when its cell holds a vertex this much closer to the camera."""
+    blur_levels: tuple[float, ...] = (0.0, 0.0)
+    """Coarse to fine: Gaussian blur σ of the photo (px at a ``face_size`` face, so it scales with the face)
+    for successive equal shares of the steps, e.g. (4, 2, 0). A landmark fit's camera is several pixels
+    off; at full resolution the image gradient sees only a pixel or two, a blurred photo sees further."""
+    shape_from_level: int = Field(1, ge=0)
+    """α is held at the landmark fit's during the blur levels before this one (the camera, lighting and albedo
+    settle first, so that α does not absorb a misaligned camera)."""
     visibility_every: int = Field(20, ge=1)
     """Steps between visibility updates."""
     threads: int = Field(0, ge=0)
     """torch CPU threads (0: torch's default); results do not depend on it."""
+
+    @model_validator(mode="after")
+    def _levels(self) -> PhotometricConfig:
+        if not self.blur_levels or any(sigma < 0 for sigma in self.blur_levels):
+            raise ValueError(f"blur_levels must be one or more non-negative σ, got {self.blur_levels}")
+        if self.shape_from_level >= len(self.blur_levels):
+            raise ValueError(f"shape_from_level {self.shape_from_level} leaves α fixed at every one of the "
+                             f"{len(self.blur_levels)} levels")
+        return self
 
 
 @dataclass(frozen=True)
@@ -105,6 +148,9 @@ class PhotometricResult:
     """(B,) share of the vertices compared at the end."""
     landmark_px: np.ndarray
     """(B,) final mean landmark error in the given pixels (the fit's used landmarks)."""
+    focal_px: np.ndarray | None = None
+    """(B,) focal length (px) of the perspective camera (``fov_deg`` set; ``cameras`` then holds its scale at
+    the model origin's depth, its orthographic approximation); None for the orthographic camera."""
 
 
 def _rotation_matrix(axis_angle: Tensor) -> Tensor:
@@ -149,6 +195,17 @@ def vertex_visibility(projected: Tensor, depth: Tensor, facing: Tensor, cell_px:
     closest = torch.full((int(flat.max()) + 1,), -torch.inf, dtype=depth.dtype)
     closest = closest.scatter_reduce(0, flat[ok], depth[ok], reduce="amax")
     return ok & (depth >= closest[flat] - tolerance_mm)
+
+
+def _blurred(batch: Tensor, sigmas: np.ndarray) -> Tensor:
+    """(B, 3, H, W) ``batch`` with photo i blurred by a Gaussian of σ ``sigmas[i]`` px (OpenCV, reflected border)."""
+    out = batch.clone()
+    for i, sigma in enumerate(sigmas):
+        if sigma > 0:
+            chw = batch[i].numpy()
+            out[i] = torch.from_numpy(np.stack([cv2.GaussianBlur(c, (0, 0), float(sigma),
+                                                                 borderType=cv2.BORDER_REFLECT_101) for c in chw]))
+    return out
 
 
 def _huber(r: Tensor) -> Tensor:
@@ -203,6 +260,9 @@ def refine_photometric(model: MorphableModel, images: Sequence[np.ndarray], land
                 raise FacedetailError(f"image {i}: expected (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
             batch[i, :, : rgb.shape[0], : rgb.shape[1]] = torch.from_numpy(rgb.astype(np.float64) / 255.0).permute(
                 2, 0, 1)
+        face_px_np = fit_cfg.face_size / np.nan_to_num(np.asarray(fit.face_frame_scale, np.float64), nan=1.0)
+        levels = [batch if sigma == 0 else _blurred(batch, sigma * face_px_np / fit_cfg.face_size)
+                  for sigma in cfg.blur_levels]
         size = torch.tensor(np.stack([widths, heights], 1), dtype=dt)
         pad = torch.tensor([max(widths) - 1, max(heights) - 1], dtype=dt)
 
@@ -217,12 +277,18 @@ def refine_photometric(model: MorphableModel, images: Sequence[np.ndarray], land
         base_t = torch.as_tensor(fit.cameras.translation, dtype=dt)
         face_px = fit_cfg.face_size / frame  # the face's size in these pixels
         shape_lambda = fit_cfg.shape_lambda if cfg.shape_lambda is None else cfg.shape_lambda
+        landmark_sigma2 = fit_cfg.landmark_sigma2 if cfg.landmark_sigma2 is None else cfg.landmark_sigma2
 
         alpha = torch.tensor(np.nan_to_num(fit.alpha), dtype=dt, requires_grad=True)
         gamma = torch.zeros((b, model.n_albedo), dtype=dt, requires_grad=True)
         rot_delta = torch.zeros((b, 3), dtype=dt, requires_grad=True)
         log_scale = torch.zeros(b, dtype=dt, requires_grad=True)
         shift = torch.zeros((b, 2), dtype=dt, requires_grad=True)
+        log_focal = torch.zeros(b, dtype=dt, requires_grad=True)
+        if cfg.fov_deg is not None:
+            focal0 = torch.tensor(heights, dtype=dt) / 2.0 / float(np.tan(np.radians(cfg.fov_deg) / 2.0))
+            centre = torch.stack([(torch.tensor(widths, dtype=dt) - 1) / 2, -(torch.tensor(heights, dtype=dt) - 1) / 2],
+                                 -1)
 
         def geometry() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
             verts = fixed + (alpha @ shape_basis).view(b, n_vertices, 3)
@@ -231,16 +297,23 @@ def refine_photometric(model: MorphableModel, images: Sequence[np.ndarray], land
             trans = base_t + shift * face_px[:, None] if cfg.refine_camera else base_t
             cam_verts = torch.bmm(verts, rot.transpose(1, 2))
             xy_up = scale[:, None, None] * cam_verts[..., :2] + trans[:, None, :]
+            if cfg.fov_deg is not None:
+                # Exact pinhole about the image centre: the distance is focal / scale, depth z towards the viewer.
+                focal = focal0 * torch.exp(log_focal) if cfg.refine_focal else focal0
+                # A vertex as near as the camera would divide by 0; no face is (at 30° a 100 px face is 60 cm
+                # away and its depth 0.1 m), so the bound only keeps a broken start finite.
+                shrink = (1.0 - (scale / focal)[:, None] * cam_verts[..., 2]).clamp_min(0.1)
+                xy_up = centre[:, None, :] + (xy_up - centre[:, None, :]) / shrink[..., None]
             normals = torch.bmm(_vertex_normals(verts, triangles), rot.transpose(1, 2))
             return verts, xy_up, cam_verts[..., 2], normals, scale
 
         def albedo() -> Tensor:
             return (albedo_mean + (gamma @ albedo_basis).view(b, n_vertices, 3)).clamp(0.0, 1.0)
 
-        def sample(xy_up: Tensor) -> Tensor:
+        def sample(xy_up: Tensor, photos: Tensor) -> Tensor:
             pixels = torch.stack([xy_up[..., 0], -xy_up[..., 1]], -1)
             grid = (2.0 * pixels / pad - 1.0)[:, :, None, :]  # (B, V, 1, 2)
-            return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=True)  # (B,3,V,1)
+            return F.grid_sample(photos, grid, mode="bilinear", padding_mode="border", align_corners=True)  # (B,3,V,1)
 
         def visible(xy_up: Tensor, depth: Tensor, normals: Tensor, scale: Tensor) -> Tensor:
             with torch.no_grad():
@@ -257,7 +330,7 @@ def refine_photometric(model: MorphableModel, images: Sequence[np.ndarray], land
         with torch.no_grad():
             _, xy_up, depth, normals, scale = geometry()
             mask = visible(xy_up, depth, normals, scale)
-            observed = sample(xy_up)[..., 0].permute(0, 2, 1)  # (B, V, 3)
+            observed = sample(xy_up, levels[0])[..., 0].permute(0, 2, 1)  # (B, V, 3)
             basis = sh_basis_torch(maps(normals))[..., 0].permute(0, 2, 1)  # (B, V, 9)
             a0 = albedo()
             sh0 = torch.zeros((b, 9, 3), dtype=dt)
@@ -269,16 +342,16 @@ def refine_photometric(model: MorphableModel, images: Sequence[np.ndarray], land
                     sh0[i, :, c] = torch.linalg.solve(lhs, design.T @ observed[i, m, c])
         sh = sh0.clone().requires_grad_(True)
 
-        def energy(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def energy(mask: Tensor, photos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             _, xy_up, _, normals, _ = geometry()
             rendered = render_uv(albedo().permute(0, 2, 1)[..., None], maps(normals), sh)  # (B, 3, V, 1)
-            residual = (sample(xy_up) - rendered)[..., 0] / cfg.photo_sigma  # (B, 3, V)
+            residual = (sample(xy_up, photos) - rendered)[..., 0] / cfg.photo_sigma  # (B, 3, V)
             per_vertex = _huber(residual).sum(1)
             weights = mask.to(dt)
             photo = (per_vertex * weights).sum(1) / weights.sum(1).clamp_min(1.0)
             lm_xy = torch.gather(xy_up, 1, lm_vertices[..., None].expand(-1, -1, 2))
             lm_err2 = ((lm_xy - target) ** 2).sum(-1) * lm_used
-            landmark = lm_err2.sum(1) * frame ** 2 / fit_cfg.landmark_sigma2
+            landmark = lm_err2.sum(1) * frame ** 2 / landmark_sigma2
             prior = shape_lambda * (alpha ** 2).sum(1) + cfg.albedo_lambda * (gamma ** 2).sum(1) + \
                 cfg.light_lambda * ((sh - sh0) ** 2).sum((1, 2))
             lm_px = (lm_err2.sqrt() * lm_used).sum(1) / lm_used.sum(1).clamp_min(1)
@@ -287,10 +360,12 @@ def refine_photometric(model: MorphableModel, images: Sequence[np.ndarray], land
         groups = [{"params": [alpha, gamma], "lr": cfg.lr_alpha}, {"params": [sh], "lr": cfg.lr_light}]
         if cfg.refine_camera:
             groups.append({"params": [rot_delta, log_scale, shift], "lr": cfg.lr_pose})
+        if cfg.fov_deg is not None and cfg.refine_focal:
+            groups.append({"params": [log_focal], "lr": cfg.lr_focal})
         optimiser = torch.optim.Adam(groups)
         start_mask = mask
         with torch.no_grad():
-            _, start_photo, _ = energy(start_mask)
+            _, start_photo, _ = energy(start_mask, batch)
         history = np.zeros((b, cfg.iterations))
         for step in range(cfg.iterations):
             if step and step % cfg.visibility_every == 0:
@@ -298,23 +373,28 @@ def refine_photometric(model: MorphableModel, images: Sequence[np.ndarray], land
                     _, xy_up, depth, normals, scale = geometry()
                     mask = visible(xy_up, depth, normals, scale)
             optimiser.zero_grad()
-            total, _, _ = energy(mask)
+            level = step * len(levels) // cfg.iterations
+            total, _, _ = energy(mask, levels[level])
             # The faces' energies are independent: their sum's gradient is each face's own.
             total.sum().backward()
+            if level < cfg.shape_from_level:
+                alpha.grad = None  # Adam skips a parameter without a gradient: α stays where it is
             optimiser.step()
             history[:, step] = total.detach().numpy()
         with torch.no_grad():
             _, xy_up, depth, normals, scale = geometry()
             end_mask = visible(xy_up, depth, normals, scale)
             # On the starting visibility, so that start and end compare the same vertices.
-            _, end_photo, lm_px = energy(start_mask)
+            _, end_photo, lm_px = energy(start_mask, batch)
             rot = (_rotation_matrix(rot_delta) @ base_rot) if cfg.refine_camera else base_rot
             trans = base_t + shift * face_px[:, None] if cfg.refine_camera else base_t
+            focal = None if cfg.fov_deg is None else \
+                (focal0 * torch.exp(log_focal) if cfg.refine_focal else focal0).numpy().copy()
         cameras = Cameras(scale.numpy().copy(), rot.numpy().copy(), trans.numpy().copy())
         return PhotometricResult(alpha.detach().numpy().copy(), gamma.detach().numpy().copy(),
                                  sh.detach().numpy().copy(), cameras, start_photo.numpy().copy(),
                                  end_photo.numpy().copy(), history, end_mask.to(dt).mean(1).numpy().copy(),
-                                 lm_px.numpy().copy())
+                                 lm_px.numpy().copy(), focal)
     finally:
         torch.set_num_threads(previous_threads)
 

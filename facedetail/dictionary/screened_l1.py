@@ -25,7 +25,9 @@ residual, so outliers make the screen looser, never wrong.
 Why hand-written: LLVM (numba) does not turn a byte |a - b| reduction into ``psadbw`` (measured:
 the loop vectorizes to byte min/max/widen at 26-33 G/s), so the SAD is a numba intrinsic that
 calls ``llvm.x86.avx512.psad.bw.512`` or ``llvm.x86.avx2.psad.bw`` directly. On a CPU with
-neither, :func:`screen_backend` returns None and callers keep faiss's kernel.
+neither, :func:`screen_backend` returns None and callers keep faiss's kernel. The kernels are
+module-level and cached on disk by numba (one entry per backend), so only the first process on a
+machine pays their 1.5-2 s compile; the next ones load them.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from typing import Literal
 import numpy as np
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
-from numba import njit, types
+from numba import literally, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from facedetail.compiled import cached_njit
 
 Backend = Literal["avx512", "avx2"]
 
@@ -73,135 +77,158 @@ def screen_backend() -> Backend | None:
     return None
 
 
-def _make_sad(backend: Backend):
-    width, lanes, name = _SAD[backend]
-
-    @intrinsic
-    def sad_rows(typingctx, q, q_off, e, e_off, stride, nchunks):
-        """SAD of one query code row against ``_ROWS`` consecutive entry code rows."""
-        sig = types.UniTuple(types.int64, _ROWS)(q, q_off, e, e_off, stride, nchunks)
-
-        def codegen(context, builder, signature, args):
-            q_arr, q_off, e_arr, e_off, stride, n = args
-            q_ty, q_off_ty, e_ty, e_off_ty, stride_ty, n_ty = signature.args
-            i64 = ir.IntType(64)
-            q_off = context.cast(builder, q_off, q_off_ty, types.int64)
-            e_off = context.cast(builder, e_off, e_off_ty, types.int64)
-            stride = context.cast(builder, stride, stride_ty, types.int64)
-            n = context.cast(builder, n, n_ty, types.int64)
-            q_data = context.make_array(q_ty)(context, builder, q_arr).data
-            e_data = context.make_array(e_ty)(context, builder, e_arr).data
-            vec_t = ir.VectorType(ir.IntType(8), width)
-            acc_t = ir.VectorType(i64, lanes)
-            sad = cgutils.get_or_insert_function(builder.module, ir.FunctionType(acc_t, [vec_t, vec_t]), name)
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_t, [0] * lanes)) for _ in range(_ROWS)]
-            with cgutils.for_range(builder, n) as loop:
-                off = builder.mul(loop.index, ir.Constant(i64, width))
-                vq = builder.load(builder.gep(q_data, [builder.add(q_off, off)]), align=1, typ=vec_t)
-                for r, acc in enumerate(accs):
-                    row = builder.add(e_off, builder.mul(stride, ir.Constant(i64, r)))
-                    ve = builder.load(builder.gep(e_data, [builder.add(row, off)]), align=1, typ=vec_t)
-                    builder.store(builder.add(builder.load(acc), builder.call(sad, [vq, ve])), acc)
-            total = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(i64, [acc_t]), f"llvm.vector.reduce.add.v{lanes}i64"
-            )
-            sums = [builder.call(total, [builder.load(acc)]) for acc in accs]
-            return context.make_tuple(builder, signature.return_type, sums)
-
-        return sig, codegen
-
-    return sad_rows
+_BACKEND_OF_WIDTH: dict[int, Backend] = {spec[0]: backend for backend, spec in _SAD.items()}
 
 
-def _make_kernel(backend: Backend):
-    sad_rows = _make_sad(backend)
-    width = _SAD[backend][0]
+@intrinsic
+def _sad_rows(typingctx, q, q_off, e, e_off, stride, nchunks, width):
+    """SAD of one query code row against ``_ROWS`` consecutive entry code rows.
 
-    @njit(nogil=True, boundscheck=False, cache=True)
-    def exact_l1(a, b):
-        acc = 0.0
-        for t in range(a.shape[0]):
-            acc += abs(np.float64(a[t]) - np.float64(b[t]))
-        return acc
+    ``width`` (bytes per instruction) must be a compile-time constant: it picks the backend's
+    instruction, so each backend's kernel is its own specialisation (and cache entry).
+    """
+    if not isinstance(width, types.IntegerLiteral) or width.literal_value not in _BACKEND_OF_WIDTH:
+        return None
+    bytes_per_sad, lanes, name = _SAD[_BACKEND_OF_WIDTH[width.literal_value]]
+    sig = types.UniTuple(types.int64, _ROWS)(q, q_off, e, e_off, stride, nchunks, width)
 
-    @njit(nogil=True, boundscheck=False)
-    def search(q_codes, q_res, queries, e_codes, e_res, entries, n, step, k, out_d, out_i, scored):
-        """k exact nearest entries of each query; ``scored[i]`` counts exact distances computed."""
-        stride = e_codes.shape[1]
-        nchunks = stride // width
-        n_pad = e_codes.shape[0]
-        q_flat = q_codes.ravel()
-        e_flat = e_codes.ravel()
-        res_max = e_res[:n].max()
-        sads = np.empty((_QUERY_BLOCK, n_pad), dtype=np.int64)
-        seed_s = np.empty(k, dtype=np.int64)
-        seed_j = np.empty(k, dtype=np.int64)
-        for b0 in range(0, q_codes.shape[0], _QUERY_BLOCK):
-            b1 = min(q_codes.shape[0], b0 + _QUERY_BLOCK)
-            for j0 in range(0, n_pad, _ENTRY_TILE):
-                j1 = min(n_pad, j0 + _ENTRY_TILE)
-                for i in range(b0, b1):
-                    for j in range(j0, j1, _ROWS):
-                        s = sad_rows(q_flat, i * stride, e_flat, j * stride, stride, nchunks)
-                        for r in range(_ROWS):
-                            sads[i - b0, j + r] = s[r]
+    def codegen(context, builder, signature, args):
+        q_arr, q_off, e_arr, e_off, stride, n, _ = args
+        q_ty, q_off_ty, e_ty, e_off_ty, stride_ty, n_ty, _ = signature.args
+        i64 = ir.IntType(64)
+        q_off = context.cast(builder, q_off, q_off_ty, types.int64)
+        e_off = context.cast(builder, e_off, e_off_ty, types.int64)
+        stride = context.cast(builder, stride, stride_ty, types.int64)
+        n = context.cast(builder, n, n_ty, types.int64)
+        q_data = context.make_array(q_ty)(context, builder, q_arr).data
+        e_data = context.make_array(e_ty)(context, builder, e_arr).data
+        vec_t = ir.VectorType(ir.IntType(8), bytes_per_sad)
+        acc_t = ir.VectorType(i64, lanes)
+        sad = cgutils.get_or_insert_function(builder.module, ir.FunctionType(acc_t, [vec_t, vec_t]), name)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_t, [0] * lanes)) for _ in range(_ROWS)]
+        with cgutils.for_range(builder, n) as loop:
+            off = builder.mul(loop.index, ir.Constant(i64, bytes_per_sad))
+            vq = builder.load(builder.gep(q_data, [builder.add(q_off, off)]), align=1, typ=vec_t)
+            for r, acc in enumerate(accs):
+                row = builder.add(e_off, builder.mul(stride, ir.Constant(i64, r)))
+                ve = builder.load(builder.gep(e_data, [builder.add(row, off)]), align=1, typ=vec_t)
+                builder.store(builder.add(builder.load(acc), builder.call(sad, [vq, ve])), acc)
+        total = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i64, [acc_t]), f"llvm.vector.reduce.add.v{lanes}i64"
+        )
+        sums = [builder.call(total, [builder.load(acc)]) for acc in accs]
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    return sig, codegen
+
+
+# The backends' widths as plain ints: numba compiles module-level ints as constants.
+_WIDTH_AVX512 = _SAD["avx512"][0]
+_WIDTH_AVX2 = _SAD["avx2"][0]
+
+
+# The kernels are module-level functions of their arguments and module constants only: numba keys its
+# cache on the function's code and the pickled values of any closure, and a closure over a per-process
+# intrinsic never matches, so the former factory-made kernel compiled in every process.
+@cached_njit
+def _exact_l1(a, b):
+    """float64 L1 distance of two rows, summed in index order (the order the results' bits depend on)."""
+    acc = 0.0
+    for t in range(a.shape[0]):
+        acc += abs(np.float64(a[t]) - np.float64(b[t]))
+    return acc
+
+
+@njit(nogil=True, boundscheck=False)
+def _search(width, q_codes, q_res, queries, e_codes, e_res, entries, n, step, k, out_d, out_i, scored):
+    """k exact nearest entries of each query; ``scored[i]`` counts exact distances computed.
+
+    ``width`` is the backend's bytes per SAD instruction, a compile-time constant (``literally``):
+    the per-backend entry points below pass their own and are cached with this body compiled in.
+    """
+    literally(width)
+    stride = e_codes.shape[1]
+    nchunks = stride // width
+    n_pad = e_codes.shape[0]
+    q_flat = q_codes.ravel()
+    e_flat = e_codes.ravel()
+    res_max = e_res[:n].max()
+    sads = np.empty((_QUERY_BLOCK, n_pad), dtype=np.int64)
+    seed_s = np.empty(k, dtype=np.int64)
+    seed_j = np.empty(k, dtype=np.int64)
+    for b0 in range(0, q_codes.shape[0], _QUERY_BLOCK):
+        b1 = min(q_codes.shape[0], b0 + _QUERY_BLOCK)
+        for j0 in range(0, n_pad, _ENTRY_TILE):
+            j1 = min(n_pad, j0 + _ENTRY_TILE)
             for i in range(b0, b1):
-                row = sads[i - b0]
-                # Seed: the k smallest code distances (ties to the lower id), scored exactly.
-                seed_s[:] = np.iinfo(np.int64).max
-                seed_j[:] = -1
-                for j in range(n):
-                    if row[j] < seed_s[k - 1]:
-                        p = k - 1
-                        while p > 0 and seed_s[p - 1] > row[j]:
-                            seed_s[p] = seed_s[p - 1]
-                            seed_j[p] = seed_j[p - 1]
-                            p -= 1
-                        seed_s[p] = row[j]
-                        seed_j[p] = j
-                threshold = 0.0
-                for p in range(k):
-                    threshold = max(threshold, exact_l1(queries[i], entries[seed_j[p]]))
-                rq = q_res[i]
-                best_d = out_d[i]
-                best_i = out_i[i]
-                best_d[:] = np.inf
-                best_i[:] = -1
-                count = 0
-                limit = threshold
-                # Entries whose code distance alone rules them out, whatever their residual.
-                sad_cut = math.floor((limit + rq + res_max) * (1.0 + _SLACK) / step) + 1
-                for j in range(n):
-                    if row[j] > sad_cut:
-                        continue
-                    lower = step * row[j] - rq - e_res[j]
-                    if lower > limit * (1.0 + _SLACK) + _SLACK:
-                        continue
-                    d = exact_l1(queries[i], entries[j])
-                    count += 1
-                    if d < best_d[k - 1] or (d == best_d[k - 1] and j < best_i[k - 1]):
-                        p = k - 1
-                        while p > 0 and (best_d[p - 1] > d or (best_d[p - 1] == d and best_i[p - 1] > j)):
-                            best_d[p] = best_d[p - 1]
-                            best_i[p] = best_i[p - 1]
-                            p -= 1
-                        best_d[p] = d
-                        best_i[p] = j
-                        if best_d[k - 1] < limit:
-                            limit = best_d[k - 1]
-                            sad_cut = math.floor((limit + rq + res_max) * (1.0 + _SLACK) / step) + 1
-                scored[i] = count
+                for j in range(j0, j1, _ROWS):
+                    s = _sad_rows(q_flat, i * stride, e_flat, j * stride, stride, nchunks, width)
+                    for r in range(_ROWS):
+                        sads[i - b0, j + r] = s[r]
+        for i in range(b0, b1):
+            row = sads[i - b0]
+            # Seed: the k smallest code distances (ties to the lower id), scored exactly.
+            seed_s[:] = np.iinfo(np.int64).max
+            seed_j[:] = -1
+            for j in range(n):
+                if row[j] < seed_s[k - 1]:
+                    p = k - 1
+                    while p > 0 and seed_s[p - 1] > row[j]:
+                        seed_s[p] = seed_s[p - 1]
+                        seed_j[p] = seed_j[p - 1]
+                        p -= 1
+                    seed_s[p] = row[j]
+                    seed_j[p] = j
+            threshold = 0.0
+            for p in range(k):
+                threshold = max(threshold, _exact_l1(queries[i], entries[seed_j[p]]))
+            rq = q_res[i]
+            best_d = out_d[i]
+            best_i = out_i[i]
+            best_d[:] = np.inf
+            best_i[:] = -1
+            count = 0
+            limit = threshold
+            # Entries whose code distance alone rules them out, whatever their residual.
+            sad_cut = math.floor((limit + rq + res_max) * (1.0 + _SLACK) / step) + 1
+            for j in range(n):
+                if row[j] > sad_cut:
+                    continue
+                lower = step * row[j] - rq - e_res[j]
+                if lower > limit * (1.0 + _SLACK) + _SLACK:
+                    continue
+                d = _exact_l1(queries[i], entries[j])
+                count += 1
+                if d < best_d[k - 1] or (d == best_d[k - 1] and j < best_i[k - 1]):
+                    p = k - 1
+                    while p > 0 and (best_d[p - 1] > d or (best_d[p - 1] == d and best_i[p - 1] > j)):
+                        best_d[p] = best_d[p - 1]
+                        best_i[p] = best_i[p - 1]
+                        p -= 1
+                    best_d[p] = d
+                    best_i[p] = j
+                    if best_d[k - 1] < limit:
+                        limit = best_d[k - 1]
+                        sad_cut = math.floor((limit + rq + res_max) * (1.0 + _SLACK) / step) + 1
+            scored[i] = count
 
-    return search
 
 
-_KERNELS: dict[Backend, object] = {}
+@cached_njit
+def _search_avx512(q_codes, q_res, queries, e_codes, e_res, entries, n, step, k, out_d, out_i, scored):
+    """:func:`_search` with 64-byte SADs (AVX-512BW)."""
+    _search(_WIDTH_AVX512, q_codes, q_res, queries, e_codes, e_res, entries, n, step, k,
+            out_d, out_i, scored)
 
 
-def _kernel(backend: Backend):
-    if backend not in _KERNELS:
-        _KERNELS[backend] = _make_kernel(backend)
-    return _KERNELS[backend]
+@cached_njit
+def _search_avx2(q_codes, q_res, queries, e_codes, e_res, entries, n, step, k, out_d, out_i, scored):
+    """:func:`_search` with 32-byte SADs (AVX2)."""
+    _search(_WIDTH_AVX2, q_codes, q_res, queries, e_codes, e_res, entries, n, step, k,
+            out_d, out_i, scored)
+
+
+_KERNELS = {"avx512": _search_avx512, "avx2": _search_avx2}
 
 
 @dataclass(frozen=True)
@@ -270,7 +297,7 @@ class ScreenedL1:
         out_d = np.empty((m, k), dtype=np.float64)
         out_i = np.empty((m, k), dtype=np.int64)
         scored = np.zeros(m, dtype=np.int64)
-        kernel = _kernel(self.backend)
+        kernel = _KERNELS[self.backend]
 
         def run(i0: int) -> None:
             i1 = min(m, i0 + _QUERIES_PER_TASK)

@@ -228,12 +228,9 @@ def _pool_unit(unit: Unit) -> tuple[Any, int]:
 
 
 def _pool_run(job: Job, workers: int, progress: Callable[[int], None]) -> Iterator[tuple[int, Any]]:
-    # A worker that cannot be built (bad config, corrupt model) would only break the pool, which
-    # reads as "a worker died, run again": build one here first so the real error is raised.
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        job.units[0].factory()
+    # The workers are built inside the units (run_unit), not in the pool's initializer: a worker that cannot
+    # be built (bad config, corrupt model) raises its own error through the unit's future, where an
+    # initializer's error would break the pool and read as "a worker died, run again".
     # spawn, not fork: a forked child would share the parent's OpenGL and BLAS state.
     ctx = mp.get_context("spawn")
     progress_queue = ctx.Queue()

@@ -232,7 +232,7 @@ class ProxyShardWorker:
             rows[face.row_id] = self._row(face.item, face.photo, face, status=OK, reason=None,
                                           key=f"{face.row_id}.{TEXTURE_EXT}",
                                           sha256=sha256_bytes(png), bytes=len(png),
-                                          texture_coverage=float(unwrapped.mask.mean()), **fit_row)
+                                          texture_coverage=unwrapped.coverage(), **fit_row)
         return samples
 
     def _refine(self, faces: list[_Face], landmarks: np.ndarray, result: FitResult) -> tuple[FitResult, Any]:

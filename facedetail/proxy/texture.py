@@ -6,27 +6,27 @@ computes it once. Per photo, a texel's 3-D position and normal are the barycentr
 the proxy's vertices; the texel takes the photo's colour where its position projects, if it is
 visible: facing the camera by more than ``max_view_angle_deg`` (back faces and grazing angles
 give smeared colour) and not hidden behind another part of the face (a depth test against a
-z-buffer splatted from all texels, in cells of a fixed size on the face).
+z-buffer splatted from the texels, in cells of a fixed size on the face).
 
-The per-texel work (blend, project, z-buffer, visibility, scatter) runs in compiled loops
-(numba), one pass over the texels each, in the same floating-point operations and order as the
-NumPy expressions they replace, so the textures are the same bytes: 20x less time than the array
-version at 1024² (which made five (M, 3) float64 temporaries per photo), measured in
-``bench/proxy.py``.
+The per-texel work runs in compiled loops (numba). The orthographic unwrap of the fits
+(:func:`unwrap`) works per triangle, where the texel values are affine, and splats its z-buffer
+from a fixed grid of texels, so its cost per texel is a few dot products; the general one
+(:func:`unwrap_projective`, known 3x4 cameras) blends every texel from the sparse weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import cv2
-import numba
 import numpy as np
 import scipy.sparse as sp
 from pydantic import Field
 
+from facedetail.compiled import cached_njit
 from facedetail.config import Config
 from facedetail.io.images import encode_png, encode_png_fast
 from facedetail.model.uvmap import rasterize_uv
@@ -34,24 +34,12 @@ from facedetail.proxy.fit import Cameras
 
 TEXTURE_EXT = "texture.png"
 """Name of a photo's UV texture (RGBA PNG, alpha = visible) in a shard sample."""
-_FAST = {"nogil": True, "boundscheck": False, "error_model": "numpy"}
-"""numba options of the texel loops: no fastmath, so no reassociated or fused (FMA) arithmetic."""
 
 
 def _jit(**options: object) -> Callable[[Callable[..., object]], Callable[..., object]]:
-    """``numba.njit`` with the compiled code cached beside the module (2 s less start-up per process).
-
-    Where no cache folder is writable (a read-only install without a home), numba refuses ``cache=True``
-    when the function is defined; the loops then compile in each process instead: same code, same results.
-    """
-
-    def wrap(fn: Callable[..., object]) -> Callable[..., object]:
-        try:
-            return numba.njit(cache=True, **_FAST, **options)(fn)
-        except RuntimeError:
-            return numba.njit(**_FAST, **options)(fn)
-
-    return wrap
+    """The texel loops' :func:`facedetail.compiled.cached_njit`, with numpy's error model (no exceptions
+    on a division by zero: the loops' divisions are guarded)."""
+    return cached_njit(error_model="numpy", **options)
 
 
 class TextureConfig(Config):
@@ -75,6 +63,30 @@ class TextureConfig(Config):
     """Z-buffer cell size on the face (so the test does not depend on the face's size in the photo)."""
 
 
+ZBUFFER_GRID = 256
+"""Texels per side that splat the unwrap's z-buffer (~1 mm apart on the face: several per 2 mm cell)."""
+
+
+@dataclass(frozen=True)
+class TexelRuns:
+    """Texels grouped by their triangle: those of triangle t are ``rows/cols[starts[t]:starts[t + 1]]``."""
+
+    starts: np.ndarray
+    """(T + 1,) int64 offsets."""
+    rows: np.ndarray
+    """(N,) int32 texel rows, row-major within each triangle."""
+    cols: np.ndarray
+    """(N,) int32 texel columns."""
+
+    @classmethod
+    def group(cls, triangle: np.ndarray, rows: np.ndarray, cols: np.ndarray, n_triangles: int) -> TexelRuns:
+        """Group texels (row-major order) by their ``triangle`` index."""
+        order = np.argsort(triangle, kind="stable")
+        starts = np.zeros(n_triangles + 1, np.int64)
+        np.cumsum(np.bincount(triangle, minlength=n_triangles), out=starts[1:])
+        return cls(starts, np.ascontiguousarray(rows[order], np.int32), np.ascontiguousarray(cols[order], np.int32))
+
+
 @dataclass(frozen=True)
 class UVTexels:
     """The covered texels of a resolution x resolution UV map, with sparse blend weights.
@@ -91,6 +103,16 @@ class UVTexels:
     """(M,) texel column (u right)."""
     matrix: sp.csr_matrix
     """(M, V) barycentric weights: texel values = matrix @ per-vertex values (3 per row)."""
+    triangles: np.ndarray
+    """(T, 3) int32 vertex ids of the layout's triangles."""
+    to_bary: np.ndarray
+    """(T, 3, 3) per triangle: barycentric weights = to_bary @ (column, row, 1) of a texel centre."""
+    by_triangle: TexelRuns
+    """Every covered texel, grouped by triangle (the unwrap's order)."""
+    zbuffer_texels: TexelRuns
+    """The covered texels on a grid of at most ``ZBUFFER_GRID``² texels (every ``R // ZBUFFER_GRID``-th row
+    and column), by triangle: the unwrap's z-buffer is splatted from these, so it is the same at every
+    resolution from ``ZBUFFER_GRID`` up."""
 
     @classmethod
     def build(cls, uv: np.ndarray, triangles: np.ndarray, resolution: int) -> UVTexels:
@@ -101,7 +123,14 @@ class UVTexels:
         bary = raster.bary[rows, cols]
         matrix = sp.csr_matrix((bary.ravel(), vertex_ids.ravel(), np.arange(0, 3 * len(rows) + 1, 3)),
                                shape=(len(rows), len(uv)))
-        return cls(resolution, rows.astype(np.int32), cols.astype(np.int32), matrix)
+        tri = np.asarray(triangles, np.int64)
+        texel_triangle = raster.triangle[rows, cols].astype(np.int64)
+        stride = max(1, resolution // ZBUFFER_GRID)
+        on_grid = (rows % stride == 0) & (cols % stride == 0)
+        return cls(resolution, rows.astype(np.int32), cols.astype(np.int32), matrix,
+                   np.ascontiguousarray(tri, np.int32), _to_bary(uv, tri, resolution),
+                   TexelRuns.group(texel_triangle, rows, cols, len(tri)),
+                   TexelRuns.group(texel_triangle[on_grid], rows[on_grid], cols[on_grid], len(tri)))
 
     def blend(self, per_vertex: np.ndarray) -> np.ndarray:
         """(M, C) texel values blended from (V, C) per-vertex values (float64)."""
@@ -119,18 +148,48 @@ class UVTexels:
         return out
 
 
+def _to_bary(uv: np.ndarray, triangles: np.ndarray, resolution: int) -> np.ndarray:
+    """(T, 3, 3) maps from a texel centre (column, row, 1) to its barycentric weights in each triangle, in
+    :func:`facedetail.model.uvmap.rasterize_uv`'s texel coordinates (centres on integers); 0 for triangles
+    without area in UV (they cover no texel)."""
+    corners = (np.asarray(uv, np.float64) * resolution - 0.5)[triangles]  # (T, 3, 2)
+    homogeneous = np.ones((len(triangles), 3, 3))
+    homogeneous[:, 0], homogeneous[:, 1] = corners[..., 0], corners[..., 1]
+    out = np.zeros_like(homogeneous)
+    live = np.abs(np.linalg.det(homogeneous)) > 1e-12
+    out[live] = np.linalg.inv(homogeneous[live])
+    return out
+
+
 @dataclass(frozen=True)
 class Unwrapped:
-    """One photo in UV space."""
+    """One photo in UV space, as the RGBA map that is stored (alpha 255 = visible, 0 = not seen)."""
 
-    texture: np.ndarray
-    """(R, R, 3) uint8 colours, 0 where not visible."""
-    mask: np.ndarray
-    """(R, R) bool: texel visible in the photo."""
+    rgba_map: np.ndarray
+    """(R, R, 4) uint8: colour where visible (0 elsewhere), alpha = visible."""
+
+    @classmethod
+    def from_maps(cls, texture: np.ndarray, mask: np.ndarray) -> Unwrapped:
+        """From (R, R, 3) uint8 colours and an (R, R) bool visibility mask."""
+        return cls(_rgba(np.ascontiguousarray(texture), np.ascontiguousarray(mask)))
+
+    @cached_property
+    def texture(self) -> np.ndarray:
+        """(R, R, 3) uint8 colours, 0 where not visible."""
+        return np.ascontiguousarray(self.rgba_map[..., :3])
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """(R, R) bool: texel visible in the photo."""
+        return self.rgba_map[..., 3] > 0
+
+    def coverage(self) -> float:
+        """Fraction of the map's texels that are visible."""
+        return float(np.count_nonzero(self.rgba_map[..., 3])) / self.rgba_map[..., 3].size
 
     def rgba(self) -> np.ndarray:
         """(R, R, 4) uint8 with the mask as alpha, for PNG storage."""
-        return _rgba(np.ascontiguousarray(self.texture), np.ascontiguousarray(self.mask))
+        return self.rgba_map
 
 
 def encode_texture(unwrapped: Unwrapped, config: TextureConfig) -> bytes:
@@ -168,17 +227,44 @@ def unwrap(photo: np.ndarray, vertices: np.ndarray, normals: np.ndarray, camera:
     vertices/normals (V, 3) are the proxy's; ``camera`` is a batch of one fitting-frame camera
     (y up), and ``to_photo`` converts fitting-frame px to ``photo`` px (x' = x·to_photo,
     y' = -y·to_photo).
+
+    The camera is linear, so within a triangle a texel's photo position, depth and rotated normal are
+    affine in its (column, row), from the corners' values (:func:`_camera_vertices`, once per photo for
+    the 3,448 vertices). A compiled pass splats the z-buffer from the ``ZBUFFER_GRID``² grid of texels,
+    a second one writes each visible texel's photo position into two maps, and one ``cv2.remap`` of the
+    photo (with an opaque alpha) gives the RGBA map. It is :func:`unwrap_projective` with the equal
+    affine camera but for the z-buffer's texels; 10.6 ms against the previous 23.4 ms per 1024² texture
+    of the default set (`bench/proxy.py`; 4.8 against 5.9 at 512²).
     """
-    per_vertex = _per_vertex(vertices, normals)
-    rot = np.ascontiguousarray(camera.rotation[0], np.float64)
-    scale = float(camera.scale[0])
+    per_vertex = _camera_vertices(vertices, normals, camera, float(to_photo))
+    per_cell = 1.0 / (float(camera.scale[0]) * config.zbuffer_cell_mm * float(to_photo))
+    lo = np.floor(per_vertex[:, :2].min(axis=0) * per_cell) - 1  # texels are convex blends: inside the vertices' box
+    span = (np.floor(per_vertex[:, :2].max(axis=0) * per_cell) + 2 - lo).astype(np.int64)
     h, w = photo.shape[:2]
-    # Cells in the fitting frame, so that the z-buffer is that of the fit (and bytes stay as before).
-    vis_x, vis_y, rows, cols = _ortho_visible(
-        *raster.csr(), per_vertex, rot, scale, np.asarray(camera.translation[0], np.float64), float(to_photo),
-        scale * config.zbuffer_cell_mm, float(np.cos(np.radians(config.max_view_angle_deg))),
-        float(config.depth_tolerance_mm), float(w - 1), float(h - 1), raster.rows, raster.cols)
-    return _fill(photo, vis_x, vis_y, rows, cols, raster)
+    # Texels that stay at -16 sample only the zero border: colour and alpha 0.
+    map_x = np.full((raster.resolution, raster.resolution), -16.0, np.float32)
+    map_y = map_x.copy()
+    zb, runs = raster.zbuffer_texels, raster.by_triangle
+    _unwrap_ortho(raster.triangles, raster.to_bary, zb.starts, zb.rows, zb.cols, runs.starts, runs.rows, runs.cols,
+                  per_vertex, per_cell, float(lo[0]), float(lo[1]), int(span[0]), int(span[1]),
+                  float(np.cos(np.radians(config.max_view_angle_deg))), float(config.depth_tolerance_mm),
+                  float(w - 1), float(h - 1), map_x, map_y)
+    # One bilinear remap of the photo with an opaque alpha gives the RGBA map: a visible texel lies inside the
+    # photo (its neighbours beyond the last pixel get weight 0), so its alpha is exactly 255.
+    opaque = cv2.cvtColor(np.ascontiguousarray(photo, np.uint8), cv2.COLOR_RGB2RGBA)
+    rgba = cv2.remap(opaque, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return Unwrapped(rgba)
+
+
+def _camera_vertices(vertices: np.ndarray, normals: np.ndarray, camera: Cameras, to_photo: float) -> np.ndarray:
+    """(V, 6) float64 per vertex: photo x, y (px, y down), depth (mm, larger = closer) and the normal in the
+    camera frame (z towards the viewer); finite or ValueError."""
+    per_vertex = _per_vertex(vertices, normals)
+    rot = np.asarray(camera.rotation[0], np.float64)
+    scale, trans = float(camera.scale[0]), np.asarray(camera.translation[0], np.float64)
+    fitted = scale * per_vertex[:, :3] @ rot[:2].T + trans[:2]
+    return np.ascontiguousarray(np.column_stack([fitted[:, 0] * to_photo, -fitted[:, 1] * to_photo,
+                                                 per_vertex[:, :3] @ rot[2], per_vertex[:, 3:] @ rot.T]))
 
 
 def _per_vertex(vertices: np.ndarray, normals: np.ndarray) -> np.ndarray:
@@ -266,7 +352,7 @@ def _fill(photo: np.ndarray, vis_x: np.ndarray, vis_y: np.ndarray, rows: np.ndar
     texture = np.zeros((raster.resolution, raster.resolution, 3), np.uint8)
     mask = np.zeros((raster.resolution, raster.resolution), np.bool_)
     _scatter(rows, cols, np.ascontiguousarray(colours, np.uint8), texture, mask)
-    return Unwrapped(texture, mask)
+    return Unwrapped.from_maps(texture, mask)
 
 
 # --- compiled texel loops ------------------------------------------------------------------------
@@ -316,62 +402,91 @@ def _blend(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, per_vertex
     return out
 
 
-@_jit()
-def _ortho_visible(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, per_vertex: np.ndarray,
-                   rot: np.ndarray, scale: float, trans: np.ndarray, to_photo: float, cell_size: float,
-                   cos_max: float, tolerance: float, max_x: float, max_y: float, rows: np.ndarray,
-                   cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_visible` of a scaled orthographic camera, in one pass over all texels and two over the facing ones.
+@_jit(inline="always")
+def _triangle_affine(triangles: np.ndarray, to_bary: np.ndarray, per_vertex: np.ndarray, t: int, g: np.ndarray,
+                     cos_max: float) -> bool:
+    """Fill ``g`` (6, 3) so that a texel's camera values (``per_vertex``'s columns) are g @ (column, row, 1) in
+    triangle ``t``; True when every texel of it faces the camera (its corners' normals all do: a blend of unit
+    normals is no longer than 1, so its z is at least the smallest corner's and the test holds)."""
+    v0, v1, v2 = triangles[t, 0], triangles[t, 1], triangles[t, 2]
+    for j in range(6):
+        a, b, c = per_vertex[v0, j], per_vertex[v1, j], per_vertex[v2, j]
+        for k in range(3):
+            g[j, k] = a * to_bary[t, 0, k] + b * to_bary[t, 1, k] + c * to_bary[t, 2, k]
+    return min(per_vertex[v0, 5], per_vertex[v1, 5], per_vertex[v2, 5]) >= cos_max
 
-    Per texel the same operations as the array version (blended normal, facing test; for facing texels only:
-    blended position, photo position (float32), depth and z-buffer cell), so the same visible texels in the
-    same order: only the facing texels are kept, packed, and never a full-size array of the others.
+
+@_jit(inline="always")
+def _texel(g: np.ndarray, row: int, col: int, all_facing: bool, cos_max: float) -> tuple[bool, float, float, float]:
+    """A texel of the triangle of ``g``: whether it faces the camera (by ``cos_max``), its photo x, y and depth."""
+    u, v = np.float64(col), np.float64(row)
+    if not all_facing:
+        nx = g[3, 0] * u + g[3, 1] * v + g[3, 2]
+        ny = g[4, 0] * u + g[4, 1] * v + g[4, 2]
+        nz = g[5, 0] * u + g[5, 1] * v + g[5, 2]
+        if not nz >= cos_max * np.sqrt(nx * nx + ny * ny + nz * nz):
+            return False, 0.0, 0.0, 0.0
+    return (True, g[0, 0] * u + g[0, 1] * v + g[0, 2], g[1, 0] * u + g[1, 1] * v + g[1, 2],
+            g[2, 0] * u + g[2, 1] * v + g[2, 2])
+
+
+@_jit(inline="always")
+def _cell(x: float, y: float, per_cell: float, lo0: float, lo1: float, span0: int, span1: int) -> int:
+    """The z-buffer cell of photo position (x, y) (``per_cell`` = 1 / the cell's side in px), clamped into it."""
+    c0 = min(max(np.int64(np.floor(x * per_cell) - lo0), 0), span0 - 1)
+    c1 = min(max(np.int64(np.floor(y * per_cell) - lo1), 0), span1 - 1)
+    return c1 * span0 + c0
+
+
+@_jit()
+def _unwrap_ortho(triangles: np.ndarray, to_bary: np.ndarray, zb_starts: np.ndarray, zb_rows: np.ndarray,
+                  zb_cols: np.ndarray, starts: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                  per_vertex: np.ndarray, per_cell: float, lo0: float, lo1: float, span0: int, span1: int,
+                  cos_max: float, tolerance: float, max_x: float, max_y: float, map_x: np.ndarray,
+                  map_y: np.ndarray) -> int:
+    """The z-buffer splatted from the facing z-buffer texels, then every visible texel's photo position into
+    ``map_x``/``map_y`` (left as they are elsewhere); returns the number of visible texels.
+
+    Visible: facing, inside the photo, and not behind the closest facing texel of its z-buffer cell by more
+    than ``tolerance``. Per triangle, a texel's camera values are affine in its (column, row): six dot
+    products of three, no per-texel vertex lookups; the facing test is skipped where all of a triangle's
+    corners face the camera, the photo bounds where all of them project inside it.
     """
-    m = len(indptr) - 1
-    f_x = np.empty(m, np.float32)
-    f_y = np.empty(m, np.float32)
-    f_depth = np.empty(m)
-    f_c0 = np.empty(m, np.int64)
-    f_c1 = np.empty(m, np.int64)
-    f_id = np.empty(m, np.int64)
-    r00, r01, r02, r10, r11, r12 = rot[0, 0], rot[0, 1], rot[0, 2], rot[1, 0], rot[1, 1], rot[1, 2]
-    r20, r21, r22 = rot[2, 0], rot[2, 1], rot[2, 2]
-    t0, t1 = trans[0], trans[1]
-    lo0 = lo1 = np.iinfo(np.int64).max
-    hi0 = hi1 = np.iinfo(np.int64).min
-    n = 0
-    for i in range(m):
-        x, y, z, nx, ny, nz = _blend_row(indptr, indices, data, per_vertex, i)
-        if not nx * r20 + ny * r21 + nz * r22 >= cos_max:
+    zbuf = np.full(span0 * span1, -np.inf)
+    g = np.empty((6, 3))
+    for t in range(len(zb_starts) - 1):
+        if zb_starts[t + 1] == zb_starts[t]:
             continue
-        fx = scale * (r00 * x + r01 * y + r02 * z) + t0
-        fy = scale * (r10 * x + r11 * y + r12 * z) + t1
-        f_x[n] = np.float32(fx * to_photo)
-        f_y[n] = np.float32(-fy * to_photo)
-        f_depth[n] = r20 * x + r21 * y + r22 * z
-        c0 = np.int64(np.floor(fx / cell_size))
-        c1 = np.int64(np.floor(fy / cell_size))
-        f_c0[n], f_c1[n], f_id[n] = c0, c1, i
-        lo0, hi0 = min(lo0, c0), max(hi0, c0)
-        lo1, hi1 = min(lo1, c1), max(hi1, c1)
-        n += 1
-    vis_r = np.empty(n, rows.dtype)
-    vis_c = np.empty(n, cols.dtype)
-    if n == 0:  # nothing faces the camera
-        return f_x[:0], f_y[:0], vis_r, vis_c
-    span0 = hi0 - lo0 + 1
-    zbuf = np.full(span0 * (hi1 - lo1 + 1), -np.inf)
-    for j in range(n):
-        cell = (f_c1[j] - lo1) * span0 + (f_c0[j] - lo0)
-        if f_depth[j] > zbuf[cell]:
-            zbuf[cell] = f_depth[j]
-    k = 0  # k <= j: the visible texels are packed in place, in texel order
-    for j in range(n):
-        if (0 <= f_x[j] <= max_x and 0 <= f_y[j] <= max_y
-                and f_depth[j] >= zbuf[(f_c1[j] - lo1) * span0 + (f_c0[j] - lo0)] - tolerance):
-            f_x[k], f_y[k], vis_r[k], vis_c[k] = f_x[j], f_y[j], rows[f_id[j]], cols[f_id[j]]
-            k += 1
-    return f_x[:k].copy(), f_y[:k].copy(), vis_r[:k].copy(), vis_c[:k].copy()
+        all_facing = _triangle_affine(triangles, to_bary, per_vertex, t, g, cos_max)
+        for q in range(zb_starts[t], zb_starts[t + 1]):
+            facing, x, y, depth = _texel(g, zb_rows[q], zb_cols[q], all_facing, cos_max)
+            if facing:
+                k = _cell(x, y, per_cell, lo0, lo1, span0, span1)
+                if depth > zbuf[k]:
+                    zbuf[k] = depth
+    visible = 0
+    for t in range(len(starts) - 1):
+        if starts[t + 1] == starts[t]:
+            continue
+        all_facing = _triangle_affine(triangles, to_bary, per_vertex, t, g, cos_max)
+        inside = True
+        for j in range(3):
+            x, y = per_vertex[triangles[t, j], 0], per_vertex[triangles[t, j], 1]
+            inside = inside and 0.0 <= x <= max_x and 0.0 <= y <= max_y
+        for q in range(starts[t], starts[t + 1]):
+            facing, x, y, depth = _texel(g, rows[q], cols[q], all_facing, cos_max)
+            if not facing:
+                continue
+            if inside:  # a blend of points inside is inside, up to rounding
+                x, y = min(max(x, 0.0), max_x), min(max(y, 0.0), max_y)
+            elif not (0.0 <= x <= max_x and 0.0 <= y <= max_y):
+                continue
+            if depth < zbuf[_cell(x, y, per_cell, lo0, lo1, span0, span1)] - tolerance:
+                continue
+            map_x[rows[q], cols[q]] = x
+            map_y[rows[q], cols[q]] = y
+            visible += 1
+    return visible
 
 
 @_jit()
