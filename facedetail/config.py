@@ -19,7 +19,7 @@ changes an output cannot be left out of a key by accident: it is in unless decla
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,13 +74,17 @@ def key_data(config: BaseModel, leave_out: frozenset[str] = _NOT_IN_ITEM_KEY) ->
     return out
 
 
-def content_key(config: BaseModel, inputs: Mapping[str, str] | None = None) -> str:
+def content_key(config: BaseModel, inputs: Mapping[str, str] | None = None,
+                switched_off: Iterable[str] = ()) -> str:
     """The reuse key of one item made with ``config`` from inputs of these content hashes.
 
     Run-only, set-level and input-path fields are left out; ``inputs`` (name -> sha256 of the
-    content the stage read) stand for the paths.
+    content the stage read) stand for the paths; ``switched_off`` names top-level fields of an optional
+    step that is off, whose settings change no output.
     """
     data = key_data(config)
+    for name in switched_off:
+        data[name] = "off"
     if inputs:
         data["inputs"] = dict(sorted(inputs.items()))
     return params_hash(data)

@@ -148,7 +148,8 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
                               "Point `wild_proxy.input` at a folder of photos or a list")
     # The photos count by content: a folder's files (or a list's text) were hashed at lineage START.
     key = content_key(params, {"photos": out.input_hash(source), "model": out.input_hash(model_path),
-                               "dictionary": out.input_hash(dictionary_path)})
+                               "dictionary": out.input_hash(dictionary_path)},
+                      switched_off=() if params.photometric.enabled else ("photometric",))
     refine = PhotometricRefiner(params.fit, params.photometric) if params.photometric.enabled else None
     spec = ProxySpec({i.id: i for i in items}, model_path, dictionary_path, params.load, params.detector,
                      params.fit, params.texture, key, refine)

@@ -100,7 +100,12 @@ def test_dvc_repro_render_expressions(tiny_pipeline: Path, tmp_path: Path) -> No
     assert "wild_proxy" in shown and "expected_outcomes" in shown
     assert (repo / "data/wild_proxy/proxies.parquet").is_file()
 
-    # the documented way to change the profile: an experiment with a different count
+
+@pytest.mark.slow
+def test_an_experiment_changes_the_profile_and_keeps_the_earlier_shards(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """The documented way to change the profile: ``dvc exp run -S``, which reruns the renders' whole descendance
+    (~2 minutes on 2 cores)."""
+    repo = copy_repo(tiny_pipeline, tmp_path / "repo")
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "tiny run"], repo)
     first_shard = sha256_file(repo / "data/render_expressions/shards/shard-00000.tar")

@@ -126,6 +126,7 @@ def test_executor_urls() -> None:
         executor_from_url("spark://x")
 
 
+@pytest.mark.slow  # ~60 s of Ray start-up and retries; the Dask twin above runs by default
 def test_ray_builds_the_same_bytes_and_retries_a_killed_worker(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray")

@@ -52,6 +52,14 @@ def test_key_follows_content_not_run_fields_nor_paths() -> None:
     assert content_key(base, {"model": "aa"}) != content_key(base, {"model": "bb"})  # input content counts
 
 
+def test_a_switched_off_steps_settings_are_not_in_the_key() -> None:
+    """An optional step that is off changes no output, so its settings must not invalidate what was built."""
+    base = Before()
+    changed = Before(inner=Inner(depth=2.0))
+    assert content_key(changed, switched_off=("inner",)) == content_key(base, switched_off=("inner",))
+    assert content_key(base, switched_off=("inner",)) != content_key(base)
+
+
 def test_every_stage_declares_workers_run_only() -> None:
     """No stage's worker count can change an output or a reuse key."""
     from facedetail.config import field_role

@@ -64,7 +64,7 @@ class TextureConfig(Config):
 
 
 ZBUFFER_GRID = 256
-"""Texels per side that splat the unwrap's z-buffer (~1 mm apart on the face: several per 2 mm cell)."""
+"""About this many texels per side splat the unwrap's z-buffer (~1 mm apart on the face: several per 2 mm cell)."""
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,9 @@ class UVTexels:
     by_triangle: TexelRuns
     """Every covered texel, grouped by triangle (the unwrap's order)."""
     zbuffer_texels: TexelRuns
-    """The covered texels on a grid of at most ``ZBUFFER_GRID``² texels (every ``R // ZBUFFER_GRID``-th row
-    and column), by triangle: the unwrap's z-buffer is splatted from these, so it is the same at every
-    resolution from ``ZBUFFER_GRID`` up."""
+    """The covered texels of every ``R // ZBUFFER_GRID``-th row and column (about ``ZBUFFER_GRID``² over the
+    map), by triangle: the unwrap's z-buffer is splatted from these, at the same density on the face at
+    every resolution from ``ZBUFFER_GRID`` up (all texels below it)."""
 
     @classmethod
     def build(cls, uv: np.ndarray, triangles: np.ndarray, resolution: int) -> UVTexels:
