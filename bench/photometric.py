@@ -5,6 +5,8 @@
                                 [--photo-weight 300] [--camera|--no-camera] [--shape-lambda L]
                                 [--landmark-sigma2 S2] [--fov DEG [--refine-focal] | --orthographic]
                                 [--blur-levels 0 0] [--shape-from-level 1] [--lr-pose 0.01]
+                                [--landmark-loss gaussian|huber|cauchy|tukey] [--landmark-robust-scale 2]
+                                [--camera-starts "0,0 25,0 -25,0"]
                                 [--threads 0] [--split all|even|odd]
                                 [--start fit|truth|truth-camera|truth-shape] [--true-landmarks]
 
@@ -125,6 +127,14 @@ def main() -> None:
                         help="coarse-to-fine blur σ per level (px at a 100 px face)")
     parser.add_argument("--camera", action=argparse.BooleanOptionalAction, default=PhotometricConfig().refine_camera,
                         help="refine the camera too (default: PhotometricConfig's)")
+    parser.add_argument("--landmark-loss", choices=["gaussian", "huber", "cauchy", "tukey"],
+                        default=PhotometricConfig().landmark_loss, help="per-landmark penalty (robust or not)")
+    parser.add_argument("--landmark-robust-scale", type=float, default=PhotometricConfig().landmark_robust_scale,
+                        help="c of the robust landmark penalty, in units of σ")
+    parser.add_argument("--camera-starts", default=" ".join(f"{y:g},{p:g}" for y, p in
+                                                             PhotometricConfig().camera_starts_deg),
+                        help='multi-start: "yaw,pitch yaw,pitch ..." offsets (degrees, one quoted argument) of the '
+                             "fit's camera; each photo keeps its start of lowest final energy")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--split", choices=["all", "even", "odd"], default="all")
     parser.add_argument("--start", choices=["fit", "truth", "truth-camera", "truth-shape"], default="fit",
@@ -150,7 +160,10 @@ def main() -> None:
                                   shape_lambda=args.shape_lambda, landmark_sigma2=args.landmark_sigma2,
                                   fov_deg=None if args.orthographic else args.fov, refine_focal=args.refine_focal,
                                   blur_levels=tuple(args.blur_levels), shape_from_level=args.shape_from_level,
-                                  lr_pose=args.lr_pose)
+                                  lr_pose=args.lr_pose, landmark_loss=args.landmark_loss,
+                                  landmark_robust_scale=args.landmark_robust_scale,
+                                  camera_starts_deg=tuple(tuple(float(v) for v in s.split(",")) for s in
+                                                          args.camera_starts.split()))
     fitter = ProxyFitter(model, fit_cfg)
     images, landmarks = [], []
     for r in rows:
@@ -178,7 +191,7 @@ def main() -> None:
     true_verts = np.asarray(model.vertices(np.array([truth[r["path"]]["alpha"] for r in rows]),
                                            np.array([truth[r["path"]]["beta"] for r in rows])), np.float64)
     cameras_out = []
-    refined_alpha, photo_start, photo_end, lm_px, fov = [], [], [], [], []
+    refined_alpha, photo_start, photo_end, lm_px, fov, chosen = [], [], [], [], [], []
     t0, c0 = time.perf_counter(), time.process_time()
     for i0 in range(0, len(rows), args.batch):
         sl = slice(i0, i0 + args.batch)
@@ -189,6 +202,8 @@ def main() -> None:
         photo_start.append(got.photometric_start)
         photo_end.append(got.photometric_end)
         lm_px.append(got.landmark_px)
+        if got.chosen_start is not None:
+            chosen.append(got.chosen_start)
         if got.focal_px is not None:
             fov.append(np.degrees(2 * np.arctan(np.array([im.shape[0] for im in images[sl]]) / 2 / got.focal_px)))
         print(f"  batch {i0 // args.batch + 1}: {len(got.alpha)} photos, {time.perf_counter() - t0:.1f} s so far",
@@ -217,7 +232,8 @@ def main() -> None:
           f"shape_lambda {photo_cfg.shape_lambda}, landmark_sigma2 {photo_cfg.landmark_sigma2}, "
           f"fov {photo_cfg.fov_deg} "
           f"(focal refined {photo_cfg.refine_focal}), blur levels {photo_cfg.blur_levels}, shape from level "
-          f"{photo_cfg.shape_from_level}, lr_pose {photo_cfg.lr_pose}")
+          f"{photo_cfg.shape_from_level}, lr_pose {photo_cfg.lr_pose}, landmark loss {photo_cfg.landmark_loss} "
+          f"(c {photo_cfg.landmark_robust_scale}), camera starts {photo_cfg.camera_starts_deg}")
     print(f"  {'':<32} {'shape err mm':>12} {'median':>8} {'/ mean face':>11} {'chamfer mm':>11}")
     for name, m, c in (("mean face (alpha = 0)", None, cham["mean_face"]),
                        ("landmark fit", landmark_only, cham["landmark_only"]),
@@ -225,6 +241,10 @@ def main() -> None:
         err = landmark_only["shape_error_mm_mean_face"] if m is None else m["shape_error_mm"]
         print(f"  {name:<32} {err['mean']:12.4f} {err['median']:8.4f} {err['mean'] / mean_face:11.3f} "
               f"{np.nanmean(c):11.4f}")
+    if chosen:
+        counts = np.bincount(np.concatenate(chosen), minlength=len(photo_cfg.camera_starts_deg))
+        kept = dict(zip(photo_cfg.camera_starts_deg, counts.tolist(), strict=True))
+        print(f"  multi-start: photos keeping each start {kept}")
     if fov:
         print(f"  final vertical fov (deg): {summarize(np.concatenate(fov))}")
     ratio = refined["shape_error_mm"]["mean"] / mean_face

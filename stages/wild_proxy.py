@@ -104,7 +104,7 @@ class WildProxyParams(StageParams):
     """UV unwrapping."""
     photometric: PhotometricConfig = PhotometricConfig()
     """The optional photometric refinement of α and the camera after the landmark fit (off by default:
-    0.83x the mean face's shape error for 0.63 s of CPU per photo, ~170x the landmark fit; see the README)."""
+    0.78x the mean face's shape error for ~0.75 s of CPU per photo, ~190x the landmark fit; see the README)."""
     shard_size: int = Field(32, ge=1)
     """Photos per shard (and per fitting batch). A worker holds a shard's decoded photos (up to
     load.max_side² x 3 bytes each) until it is fitted: 32 x 1024² photos is 100 MB, which with one

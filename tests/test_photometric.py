@@ -16,28 +16,32 @@ from facedetail.render.sampling import SamplingConfig, sample_render
 # Few steps keep the test in seconds; the bench runs the default. The renders here are orthographic and their
 # landmarks exact, so the energy is the landmark fit's own (its camera model, σ² and λ) in one stage.
 QUICK = PhotometricConfig(iterations=30, visibility_every=10, fov_deg=None, shape_lambda=None, landmark_sigma2=None,
-                          blur_levels=(0.0,), shape_from_level=0, lr_pose=0.002)
+                          blur_levels=(0.0,), shape_from_level=0, lr_pose=0.002, landmark_loss="gaussian")
+
+
+def render_and_fit(model, camera: dict, seed: int, name: str):
+    """Two renders of random identities with ``camera`` (SamplingConfig's), their true landmarks, the landmark
+    fit of each (given the true β) and the true α."""
+    config = SamplingConfig.model_validate({"camera": camera, "identity": {"mode": "random", "bound": 2.0}})
+    images, landmarks, samples = [], [], []
+    with FaceRenderer(model, 256, config) as renderer:
+        for i in range(2):
+            sample = sample_render(item_rng(seed, name, str(i)), config, model)
+            face = renderer.render(sample)
+            images.append(face.image)
+            landmarks.append(face.landmarks)
+            samples.append(sample)
+    landmarks_arr = np.stack(landmarks)
+    fit = ProxyFitter(model, FitConfig()).fit(landmarks_arr, np.stack([s.beta for s in samples]))
+    assert fit.status == ["ok", "ok"]
+    return images, landmarks_arr, fit, np.stack([s.alpha for s in samples])
 
 
 @pytest.fixture(scope="module")
 def renders(sfm_model):
     """Two orthographic renders (the fit's camera model) of random identities, with their true landmarks,
     and the landmark fit of each."""
-    config = SamplingConfig.model_validate({"camera": {"projection": "orthographic"},
-                                            "identity": {"mode": "random", "bound": 2.0}})
-    images, landmarks, samples = [], [], []
-    with FaceRenderer(sfm_model, 256, config) as renderer:
-        for i in range(2):
-            sample = sample_render(item_rng(5, "photometric-test", str(i)), config, sfm_model)
-            face = renderer.render(sample)
-            images.append(face.image)
-            landmarks.append(face.landmarks)
-            samples.append(sample)
-    landmarks_arr = np.stack(landmarks)
-    beta = np.stack([s.beta for s in samples])
-    fit = ProxyFitter(sfm_model, FitConfig()).fit(landmarks_arr, beta)
-    assert fit.status == ["ok", "ok"]
-    return images, landmarks_arr, fit, np.stack([s.alpha for s in samples])
+    return render_and_fit(sfm_model, {"projection": "orthographic"}, 5, "photometric-test")
 
 
 def _shape_error(model, alpha: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from test_photometric import render_and_fit
 
 from facedetail.detail.photometric import PhotometricConfig, refine_photometric
-from facedetail.io.seeds import item_rng
-from facedetail.proxy.fit import FitConfig, ProxyFitter
-from facedetail.render.faces import FaceRenderer
-from facedetail.render.sampling import SamplingConfig, sample_render
+from facedetail.proxy.fit import FitConfig
 
 FOV = 15.0
 
@@ -19,21 +17,8 @@ FOV = 15.0
 def perspective_renders(sfm_model):
     """Two perspective renders (15° lens at 1.0–1.6 m, as the wild set) of random identities, their true
     landmarks, the landmark fit of each and the true α."""
-    config = SamplingConfig.model_validate({"camera": {"projection": "perspective", "fov_deg": FOV,
-                                                       "distance_mm": [1000.0, 1600.0]},
-                                            "identity": {"mode": "random", "bound": 2.0}})
-    images, landmarks, samples = [], [], []
-    with FaceRenderer(sfm_model, 256, config) as renderer:
-        for i in range(2):
-            sample = sample_render(item_rng(11, "photometric-camera-test", str(i)), config, sfm_model)
-            face = renderer.render(sample)
-            images.append(face.image)
-            landmarks.append(face.landmarks)
-            samples.append(sample)
-    landmarks_arr = np.stack(landmarks)
-    fit = ProxyFitter(sfm_model, FitConfig()).fit(landmarks_arr, np.stack([s.beta for s in samples]))
-    assert fit.status == ["ok", "ok"]
-    return images, landmarks_arr, fit, np.stack([s.alpha for s in samples])
+    return render_and_fit(sfm_model, {"projection": "perspective", "fov_deg": FOV, "distance_mm": [1000.0, 1600.0]},
+                          11, "photometric-camera-test")
 
 
 def _frozen(**update) -> PhotometricConfig:
