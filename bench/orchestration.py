@@ -46,17 +46,13 @@ def _hashes(work: Path) -> dict[str, str]:
 def engine_session(engine: str, workers: int) -> Iterator[Any]:
     """The engine of ``engine`` started (a Dask ``LocalCluster`` / a local Ray with the worker hooks), closed
     after: what :func:`build` runs on. ``None`` for the local pool, which has nothing to start."""
-    from facedetail.io.executors import DaskExecutor
+    from facedetail.io.executors import executor_session
 
     if engine == "local":
         yield None
     elif engine == "dask":
-        executor = DaskExecutor(workers=workers)
-        executor.start()
-        try:
+        with executor_session("dask", workers) as executor:
             yield executor
-        finally:
-            executor.close()
     else:
         from flows.pipeline import task_runner
 
