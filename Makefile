@@ -67,6 +67,8 @@ bench: assets
 	$(PY) bench/render.py
 	$(PY) bench/dictionary.py
 	$(PY) bench/proxy.py
+	$(PY) bench/unwrap.py
+	$(PY) bench/emotion.py
 	$(PY) bench/capture.py
 	$(PY) bench/detail.py
 	$(PY) bench/reconstruct.py

@@ -225,7 +225,8 @@ def main() -> None:
             if not same:
                 raise SystemExit(f"{name} built other bytes than the local pool")
 
-    for runner in ("local", *[e.split("-", 1)[1] for e in args.engines if e.startswith("prefect-")]):
+    runners = ("local", *[e.split("-", 1)[1] for e in args.engines if e.startswith("prefect-")])
+    for runner in runners if args.noop > 0 else ():  # --noop 0: no overhead measurement
         per_task = noop_overhead(runner, args.noop, args.workers)
         results[f"prefect_overhead_s_per_task_{runner}"] = round(per_task, 4)
         print(f"Prefect overhead per task ({runner} task runner, {args.noop} empty tasks): {1000 * per_task:.1f} ms")

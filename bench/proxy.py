@@ -145,7 +145,7 @@ def bench_end_to_end(model_path: Path, dictionary: Path, photos: Path, repeat: i
     if retry_max_pixels is not None:
         print(f"  (detector.retry_max_pixels {retry_max_pixels}, not the stage's {DETECTOR.retry_max_pixels}: "
               "outputs differ from the stage's where a retry would find a face)")
-    spec = ProxySpec({i.id: i for i in items}, model_path, dictionary, LoadConfig(), detector, FitConfig(),
+    spec = ProxySpec(model_path, dictionary, LoadConfig(), detector, FitConfig(),
                      TextureConfig(resolution=resolution), "bench")
     print(f"== end to end at {resolution}² textures: {len(base)} inputs x {repeat} from {photos} (decode, detect, "
           f"landmarks, β_prior, fit, UV unwrap, texture PNG ({spec.texture.png_encoder}))")
@@ -156,7 +156,7 @@ def bench_end_to_end(model_path: Path, dictionary: Path, photos: Path, repeat: i
         init_s = time.perf_counter() - t0
         steps, textures = _step_times(worker, base)
         t0 = time.perf_counter()
-        worker(ShardTask("all", tuple(i.id for i in items)), Path(tmp) / "all.tar", lambda n: None)
+        worker(ShardTask("all", tuple(i.id for i in items), tuple(items)), Path(tmp) / "all.tar", lambda n: None)
         steady = len(items) / (time.perf_counter() - t0)
     print(f"  one warm process, one thread: start-up {init_s:.1f} s, then {steady:.2f} photos/s")
     misses, miss_s = steps.pop("_misses"), steps.pop("no-face detect")
@@ -168,8 +168,7 @@ def bench_end_to_end(model_path: Path, dictionary: Path, photos: Path, repeat: i
         runs_at: dict[int, list[float]] = {}
         for times in (1, 3):  # the photos once and three times over: the difference is free of start-up
             work = [InputItem(f"{i.id}-x{k}", i.path, i.relative, i.box, i.label) for k in range(times) for i in items]
-            spec_k = ProxySpec({i.id: i for i in work}, *_spec_tail(spec))
-            runs_at[len(work)] = [_shard_run(spec_k, work, workers, f"{workers}-{times}-{run}") for run in range(runs)]
+            runs_at[len(work)] = [_shard_run(spec, work, workers, f"{workers}-{times}-{run}") for run in range(runs)]
         (n1, t1), (n3, t3) = ((n, min(ts)) for n, ts in sorted(runs_at.items()))
         steady = (n3 - n1) / (t3 - t1)
         start = max(t1 - n1 / steady, 0.0)
@@ -181,10 +180,6 @@ def bench_end_to_end(model_path: Path, dictionary: Path, photos: Path, repeat: i
     return textures
 
 
-def _spec_tail(spec: ProxySpec) -> tuple:
-    return (spec.model_path, spec.dictionary_path, spec.load, spec.detector, spec.fit, spec.texture, spec.params_hash)
-
-
 def _shard_run(spec: ProxySpec, items: list[InputItem], workers: int, name: str) -> float:
     """Seconds of build_shards over ``items`` in ``workers`` processes, their start-up included.
 
@@ -192,7 +187,7 @@ def _shard_run(spec: ProxySpec, items: list[InputItem], workers: int, name: str)
     (shards.one_thread_per_process); otherwise BLAS, OpenCV and torch threads fight over the cores.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        tasks = shard_tasks([i.id for i in items], SHARD_SIZE)
+        tasks = shard_tasks([i.id for i in items], SHARD_SIZE, inputs={i.id: i for i in items})
         factory = partial(ProxyShardWorker, spec)
         if workers == 1:
             with threadpool_limits(1):

@@ -80,10 +80,8 @@ def inputs(params: DetailPairsParams) -> list[Input]:
 
 @dataclass(frozen=True)
 class PairSpec:
-    """Everything a worker process needs (picklable)."""
+    """Everything a worker process needs but the pairs, which come with each shard's task (picklable)."""
 
-    pairs: dict[str, tuple[str, str, dict[str, Any]]]
-    """Pair id -> (item id, item folder, photo entry)."""
     capture_gt: Path
     model_path: Path
     resolution: int
@@ -101,8 +99,9 @@ class PairShardWorker:
     def __call__(self, task: ShardTask, tar_path: Path, progress: Any) -> list[dict[str, Any]]:
         samples, rows = [], []
         maps: dict[str, CaptureMaps] = {}
+        pairs: dict[str, tuple[str, str, dict[str, Any]]] = task.inputs_by_id()  # (item id, folder, photo entry)
         for pair_id in task.item_ids:
-            item_id, folder, entry = self.spec.pairs[pair_id]
+            item_id, folder, entry = pairs[pair_id]
             item = CaptureItem(item_id, Path(folder))
             photo = PhotoInfo.model_validate(entry)
             row = {"id": pair_id, "item": item_id, "photo": photo.file, "params_hash": self.spec.params_hash}
@@ -172,10 +171,10 @@ def build(params: DetailPairsParams, root: Path, out: StageOutput) -> dict[str, 
                               "Render photos (capture_synth.synth.photos > 0) or list your photos in capture.json")
     key = content_key(params, {"model": out.input_hash(model_path), "captures": out.input_hash(captures),
                                "capture_gt": out.input_hash(capture_gt)})
-    spec = PairSpec(pairs, capture_gt, model_path, params.uv_chart.resolution, params.pair, key)
+    spec = PairSpec(capture_gt, model_path, params.uv_chart.resolution, params.pair, key)
     ids = sorted(pairs)
     work_dir = root / STAGE.work_dir
-    report = build_shards(shard_tasks(ids, params.shard_size, prefix="pairs"), work_dir,
+    report = build_shards(shard_tasks(ids, params.shard_size, prefix="pairs", inputs=pairs), work_dir,
                           params_hash({"params": key, "pairs": ids}), partial(PairShardWorker, spec),
                           workers=worker_count(params.workers), desc=NAME, unit="pair")
     rows = out.add_shards(report.records, work_dir)

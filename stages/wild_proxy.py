@@ -151,12 +151,13 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
                                "dictionary": out.input_hash(dictionary_path)},
                       switched_off=() if params.photometric.enabled else ("photometric",))
     refine = PhotometricRefiner(params.fit, params.photometric) if params.photometric.enabled else None
-    spec = ProxySpec({i.id: i for i in items}, model_path, dictionary_path, params.load, params.detector,
-                     params.fit, params.texture, key, refine)
+    spec = ProxySpec(model_path, dictionary_path, params.load, params.detector, params.fit, params.texture, key,
+                     refine)
+    by_id = {i.id: i for i in items}
     # Shards are reused only for the same params and the same photo list.
     shard_key = params_hash({"params": key, "items": [[i.id, i.relative, i.box] for i in items]})
     work_dir = root / STAGE.work_dir
-    report = build_shards(shard_tasks([i.id for i in items], params.shard_size), work_dir, shard_key,
+    report = build_shards(shard_tasks(list(by_id), params.shard_size, inputs=by_id), work_dir, shard_key,
                           partial(ProxyShardWorker, spec), workers=worker_count(params.workers), desc=NAME,
                           unit="photo")
     rows = [r if r["status"] == OK else {**r, "shard": None}
@@ -183,7 +184,7 @@ def build(params: WildProxyParams, root: Path, out: StageOutput) -> dict[str, An
     write_quarantine(out.dir / QUARANTINE_NAME, bad)
     write_table(out.dir / SKIPPED, skipped_table(listing))
     write_table(out.dir / DUPLICATES, duplicates_table(listing))
-    out.write_png(SHEET, fit_sheet(worst_first(good)[: params.sheet_faces], spec.items, spec.load, model))
+    out.write_png(SHEET, fit_sheet(worst_first(good)[: params.sheet_faces], by_id, spec.load, model))
     # Timings go to the printed summary, not the metrics: those are byte-identical on rerun.
     out.metrics = {**metrics, **accounting(listing, rows), "params_hash": key}
     return {"inputs": listing.entries, "photos": len(rows), "fitted": len(good), "quarantined": len(bad),

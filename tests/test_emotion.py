@@ -116,6 +116,46 @@ def test_same_padding_and_pool() -> None:
     assert (y < -1.0).all()  # -inf padding: the all-negative map never pools to a padded 0
 
 
+@pytest.mark.parametrize("side", [60, 30, 15, 8, 3])
+def test_the_inference_pool_gives_max_pool2ds_values_and_training_keeps_its_gradient(side: int) -> None:
+    torch.manual_seed(side)
+    x = torch.randn(3, 4, side, side)
+    x[0, 1, 2, 2] = float("nan")
+    x[1, 0, :2, :2] = 0.5  # ties inside a window
+    top, bottom = _same_pad(side, 3, 2)
+    left, right = _same_pad(side, 3, 2)
+    expected = torch.nn.functional.max_pool2d(
+        torch.nn.functional.pad(x, (left, right, top, bottom), value=-float("inf")), 3, 2)
+    with torch.no_grad():
+        got = _max_pool_same(x)
+    assert got.shape == expected.shape
+    assert torch.equal(got.isnan(), expected.isnan()) and got.isnan().any()
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(expected))
+    leaf, reference = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    weights = torch.rand(expected.shape)
+    (_max_pool_same(leaf).nan_to_num() * weights).sum().backward()
+    (torch.nn.functional.max_pool2d(torch.nn.functional.pad(reference, (left, right, top, bottom),
+                                                            value=-float("inf")), 3, 2).nan_to_num() * weights
+     ).sum().backward()
+    assert torch.equal(leaf.grad, reference.grad)  # training: max_pool2d's gradient, ties and overlaps alike
+
+
+@pytest.mark.parametrize("network", [MiniXception, EmotionNet])
+def test_one_pass_gives_the_logits_and_the_embedding_of_two(network) -> None:
+    from facedetail.features.train import predict
+
+    torch.manual_seed(0)
+    net = network().eval()
+    crops = np.random.default_rng(0).integers(0, 256, (5, 64, 64), dtype=np.uint8)
+    x = to_input(crops)
+    with torch.no_grad():
+        logits, embedding = net.logits_and_embedding(x)
+        assert torch.equal(logits, net(x)) and torch.equal(embedding, net.embed(x))
+        probabilities, features = predict(net, crops)
+        assert np.array_equal(probabilities, torch.softmax(net(x), dim=1).numpy())
+        assert np.array_equal(features, net.embed(x).numpy())
+
+
 def test_astronaut_is_happy_torch(port_outputs: PortOutputs) -> None:
     p = port_outputs[1]
     assert (p.argmax(1) == HAPPY).all(), p.round(3)

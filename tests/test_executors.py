@@ -186,3 +186,24 @@ def test_a_worker_that_cannot_be_built_raises_its_own_error_in_the_local_pool(tm
     tasks = shard_tasks([f"i{k:02d}" for k in range(8)], 2)
     with pytest.raises(ValueError, match="corrupt model"):
         build_shards(tasks, tmp_path / "work", "key", UnbuildableWorker, workers=2)
+
+
+class FreezeReportingWorker:
+    """Reports how many objects the garbage collector had frozen when it ran."""
+
+    def __call__(self, task: ShardTask, tar_path: Path, progress) -> list[dict]:
+        import gc
+
+        write_tar_shard(tar_path, [{"__key__": i, "txt": b"x"} for i in task.item_ids])
+        return [{"id": i, "frozen": gc.get_freeze_count()} for i in task.item_ids]
+
+
+def test_a_pool_process_freezes_its_heap_once_its_worker_is_built_and_this_process_does_not(
+        tmp_path: Path) -> None:
+    import gc
+
+    tasks = shard_tasks([f"i{k:02d}" for k in range(6)], 2)
+    pooled = build_shards(tasks, tmp_path / "pool", "key", FreezeReportingWorker, workers=2)
+    assert all(row["frozen"] > 1000 for record in pooled.records for row in record.rows)
+    here = build_shards(tasks, tmp_path / "here", "key", FreezeReportingWorker, workers=1)
+    assert {row["frozen"] for record in here.records for row in record.rows} == {gc.get_freeze_count()} == {0}

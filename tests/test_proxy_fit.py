@@ -19,6 +19,7 @@ from facedetail.proxy.fit import (
 )
 from facedetail.proxy.texture import (
     TextureConfig,
+    Unwrapped,
     UVTexels,
     hsv_value,
     texel_geometry,
@@ -242,6 +243,56 @@ def test_uv_texels_blend_exactly(sfm_model):
     assert 0.4 < len(texels.rows) / 256**2 < 1.0
 
 
+@pytest.mark.parametrize("resolution", [128, 512])
+def test_texel_runs_hold_every_covered_texel_once(sfm_model, resolution):
+    """The unwrap's runs (by triangle, along rows) expand to exactly the covered texels, each in its own triangle
+    and box; the z-buffer's runs to exactly the grid's."""
+    from facedetail.model.uvmap import rasterize_uv
+    from facedetail.proxy.texture import ZBUFFER_GRID
+
+    texels = UVTexels.build(sfm_model.uv, sfm_model.triangles, resolution)
+    owner = rasterize_uv(sfm_model.uv, sfm_model.triangles, resolution).triangle
+    stride = max(1, resolution // ZBUFFER_GRID)
+    for runs, keep in [(texels.by_triangle, np.ones(len(texels.rows), bool)),
+                       (texels.zbuffer_texels, (texels.rows % stride == 0) & (texels.cols % stride == 0))]:
+        assert len(np.unique(runs.triangle)) == len(runs.triangle)
+        np.testing.assert_array_equal(runs.corners, sfm_model.triangles[runs.triangle])
+        got = []
+        for e, t in enumerate(runs.triangle):
+            rc = [(r, c) for q in range(runs.starts[e], runs.starts[e + 1])
+                  for r, c in zip([runs.rows[q]] * len(range(runs.first[q], runs.stop[q], runs.step)),
+                                  range(runs.first[q], runs.stop[q], runs.step), strict=True)]
+            r, c = np.array(rc).T
+            assert (owner[r, c] == t).all()
+            if runs.step == 1:
+                assert runs.box[e].tolist() == [r.min(), r.max(), c.min(), c.max()]
+            got += rc
+        assert len(got) == runs.count() == keep.sum()
+        assert sorted(got) == sorted(zip(texels.rows[keep].tolist(), texels.cols[keep].tolist(), strict=True))
+    # Runs, not texels: at 128² most triangles are a few texels wide, at 512² several.
+    assert len(texels.by_triangle.rows) < len(texels.rows) / (3 if resolution >= 512 else 1)
+
+
+@pytest.mark.parametrize(("yaw", "pitch", "resolution"), [(0.0, 0.0, 256), (60.0, -10.0, 512), (-75.0, 20.0, 1024)])
+def test_the_depth_test_decided_per_triangle_is_the_per_texel_one(sfm_model, yaw, pitch, resolution):
+    """Where a triangle's exact value bounds settle the depth test for all of its texels, the maps are the bytes
+    of testing every texel alone; the turned poses do occlude texels (more are visible without the test)."""
+    from facedetail.proxy.texture import unwrap_maps
+
+    raster = UVTexels.build(sfm_model.uv, sfm_model.triangles, resolution)
+    verts = sfm_model.vertices().astype(np.float64)
+    normals = sfm_model.vertex_normals(verts)
+    cams = Cameras(np.array([1.1]), euler_rotation(yaw, pitch, 4.0)[None], np.array([[140.0, -150.0]]))
+    config = TextureConfig(resolution=resolution)
+    decided = unwrap_maps((300, 260), verts, normals, cams, 1.0, raster, config)
+    per_texel = unwrap_maps((300, 260), verts, normals, cams, 1.0, raster, config, box_cells=0)
+    assert decided[0].tobytes() == per_texel[0].tobytes() and decided[1].tobytes() == per_texel[1].tobytes()
+    unoccluded = unwrap_maps((300, 260), verts, normals, cams, 1.0, raster,
+                             TextureConfig(resolution=resolution, depth_tolerance_mm=1e9))
+    visible, without_depth_test = (decided[0] >= 0).sum(), (unoccluded[0] >= 0).sum()
+    assert visible > 1000 and (without_depth_test > visible or yaw == 0.0)
+
+
 def test_unwrap_samples_visible_texels_and_masks_hidden_ones(sfm_model):
     raster = UVTexels.build(sfm_model.uv, sfm_model.triangles, 128)
     verts = sfm_model.vertices().astype(np.float64)
@@ -256,6 +307,8 @@ def test_unwrap_samples_visible_texels_and_masks_hidden_ones(sfm_model):
         cams = Cameras(np.array([1.2]), euler_rotation(yaw, 0, 0)[None], np.array([[128.0, -128.0]]))
         out = unwrap(photo, verts, normals, cams, 1.0, raster, config)
         coverage[yaw] = out.mask.mean()
+        # the unwrap's own count of visible texels is the alpha's
+        assert out.visible == np.count_nonzero(out.mask) and out.coverage() == Unwrapped(out.rgba_map).coverage()
         assert out.texture[~out.mask].max() == 0
         visible = out.texture[out.mask]
         # Only the photo's colours (and their bilinear blends at the border) appear.

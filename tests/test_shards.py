@@ -66,6 +66,26 @@ def test_shard_tasks_keep_earlier_shards_when_the_list_grows() -> None:
     assert small[:2] == large[:2]
 
 
+def test_a_unit_carries_its_own_shards_inputs_not_the_whole_lists(tmp_path: Path) -> None:
+    import pickle
+
+    from facedetail.io.executors import plan_job
+    from facedetail.io.shards import _build_one
+
+    def first_unit_bytes(n: int) -> int:
+        ids = [f"i{k}" for k in range(n)]
+        tasks = shard_tasks(ids, 4, inputs={i: {"path": f"/photos/{i}.jpg", "box": None} for i in ids})
+        job = plan_job(EchoWorker, _build_one, tasks, None, [t.name for t in tasks], [4] * len(tasks))
+        return len(pickle.dumps(job.units[0]))
+
+    small, large = first_unit_bytes(8), first_unit_bytes(20_000)
+    assert small == large  # the same shard costs the same to send, however long the list
+    task = shard_tasks(["a", "b", "c"], 2, inputs={"a": 1, "b": 2, "c": 3})[1]
+    assert (task.item_ids, task.inputs, task.inputs_by_id()) == (("c",), (3,), {"c": 3})
+    with pytest.raises(ValueError, match="0 inputs for 2 items"):
+        shard_tasks(["a", "b"], 2)[0].inputs_by_id()
+
+
 def test_build_reuses_complete_shards_and_rebuilds_the_rest(tmp_path: Path) -> None:
     tasks = shard_tasks([f"i{k}" for k in range(10)], 4)
     first = build_shards(tasks, tmp_path, "key-1", EchoWorker)

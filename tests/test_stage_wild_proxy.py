@@ -230,7 +230,7 @@ def test_an_exception_on_one_photo_is_quarantined_not_fatal(built: Path, tmp_pat
     fitted = [r["path"] for r in pq.read_table(built / "data/wild_proxy/proxies.parquet").to_pylist()
               if r["status"] == OK and r["path"].startswith("wild-")]
     items = [i for i in list_inputs(images) if i.relative in ("astronaut.png", fitted[0])]
-    spec = ProxySpec({i.id: i for i in items}, built / "data/face_model/model.npz", built / "data/dictionary",
+    spec = ProxySpec(built / "data/face_model/model.npz", built / "data/dictionary",
                      LoadConfig(), DetectorConfig(), FitConfig(), TextureConfig(resolution=64), "test")
     worker = ProxyShardWorker(spec)
     real_find = worker.detector.find
@@ -241,7 +241,7 @@ def test_an_exception_on_one_photo_is_quarantined_not_fatal(built: Path, tmp_pat
         return real_find(rgb)
 
     worker.detector.find = find  # type: ignore[method-assign]
-    rows = worker(ShardTask("s", tuple(i.id for i in items)), tmp_path / "s.tar", lambda n: None)
+    rows = worker(ShardTask("s", tuple(i.id for i in items), tuple(items)), tmp_path / "s.tar", lambda n: None)
     by_path = {r["path"]: r for r in rows}
     assert by_path["astronaut.png"]["reason"] == (
         "landmarks failed: RuntimeError: Unsupported image type, must be 8bit gray or RGB image.")
@@ -398,10 +398,10 @@ from facedetail.proxy.texture import TextureConfig
 
 root, photos = Path(sys.argv[1]), Path(sys.argv[2])
 items = scan_inputs(photos).items
-spec = ProxySpec({i.id: i for i in items}, root / "data/face_model/model.npz", root / "data/dictionary", LoadConfig(),
+spec = ProxySpec(root / "data/face_model/model.npz", root / "data/dictionary", LoadConfig(),
                  DetectorConfig(), FitConfig(), TextureConfig(resolution=1024), "rss")
 worker = ProxyShardWorker(spec)
-rows = worker(ShardTask("s", tuple(i.id for i in items)), Path(sys.argv[3]), lambda n: None)
+rows = worker(ShardTask("s", tuple(i.id for i in items), tuple(items)), Path(sys.argv[3]), lambda n: None)
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024
 print(json.dumps({"peak_mb": hwm, "reasons": {r["path"]: r.get("reason") for r in rows}}))
 """

@@ -115,6 +115,11 @@ class EmotionNet(nn.Module):
         """Class logits, (N, num_classes)."""
         return self.classifier(self.dropout(self.embed(x)))
 
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x), embed(x))`` from one pass (in eval mode: dropout is then the identity)."""
+        embedding = self.embed(x)
+        return self.classifier(self.dropout(embedding)), embedding
+
 
 # --------------------------------------------------------------------------------------------------
 # MiniXception (port of fer's Keras model)
@@ -132,7 +137,24 @@ def _max_pool_same(x: torch.Tensor, k: int = 3, s: int = 2) -> torch.Tensor:
     top, bottom = _same_pad(x.shape[-2], k, s)
     left, right = _same_pad(x.shape[-1], k, s)
     x = F.pad(x, (left, right, top, bottom), value=-math.inf)
-    return F.max_pool2d(x, k, s)
+    if x.requires_grad:  # training keeps max_pool2d's gradient (and its order of summing overlapping windows)
+        return F.max_pool2d(x, k, s)
+    return _strided_max(_strided_max(x, k, s, -2), k, s, -1)
+
+
+def _strided_max(x: torch.Tensor, k: int, s: int, dim: int) -> torch.Tensor:
+    """Max over windows of ``k`` with stride ``s`` along ``dim``: ``k`` strided views, ``k - 1`` maxima.
+
+    Over rows, then columns, this gives ``F.max_pool2d``'s values exactly (a max rounds nothing; NaN
+    wins in both) at a fraction of the cost of torch's single-threaded NCHW max pool, which was the
+    largest part of the network's forward pass (bench/emotion_pool.py)."""
+    n = (x.shape[dim] - k) // s + 1
+    every_s = [slice(None)] * x.ndim
+    every_s[dim] = slice(None, None, s)
+    out = x.narrow(dim, 0, s * (n - 1) + 1)[tuple(every_s)]
+    for i in range(1, k):
+        out = torch.maximum(out, x.narrow(dim, i, s * (n - 1) + 1)[tuple(every_s)])
+    return out
 
 
 class SeparableConv2d(nn.Module):
@@ -206,6 +228,11 @@ class MiniXception(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (global average of ``conv2d_7``), (N, num_classes)."""
         return self.conv2d_7(self._trunk(x)).mean(dim=(2, 3))
+
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x), embed(x))`` from one pass through the trunk, which is nearly all of the cost."""
+        trunk = self._trunk(x)
+        return self.conv2d_7(trunk).mean(dim=(2, 3)), trunk.mean(dim=(2, 3))
 
 
 def predict_proba(model: nn.Module, x: torch.Tensor | np.ndarray) -> np.ndarray:

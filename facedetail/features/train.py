@@ -116,9 +116,9 @@ def predict(net: torch.nn.Module, crops: np.ndarray, batch: int = 512) -> tuple[
     net.eval()
     probs, feats = [], []
     for start in range(0, len(crops), batch):
-        x = to_input(crops[start:start + batch])
-        probs.append(torch.softmax(net(x), dim=1).numpy())
-        feats.append(net.embed(x).numpy())
+        logits, embedding = net.logits_and_embedding(to_input(crops[start:start + batch]))
+        probs.append(torch.softmax(logits, dim=1).numpy())
+        feats.append(embedding.numpy())
     n_classes = getattr(net, "num_classes", len(FER_CLASSES))
     if not probs:
         return np.zeros((0, n_classes), np.float32), np.zeros((0, 128), np.float32)

@@ -20,7 +20,7 @@ import json
 import os
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,6 +109,17 @@ class ShardTask:
 
     name: str
     item_ids: tuple[str, ...]
+    inputs: tuple[Any, ...] = ()
+    """What the worker needs of each item (parallel to ``item_ids``), or nothing when its spec has it all.
+
+    A unit carries its own shard's inputs, never the whole list's: with 163K photos in the worker's spec,
+    each of 5,100 units pickled 12.5 MB (0.4 s to pickle and 0.8 s to unpickle, per unit)."""
+
+    def inputs_by_id(self) -> dict[str, Any]:
+        """``{item id: its input}`` (ValueError when the task was not built with one input per item)."""
+        if len(self.inputs) != len(self.item_ids):
+            raise ValueError(f"shard {self.name}: {len(self.inputs)} inputs for {len(self.item_ids)} items")
+        return dict(zip(self.item_ids, self.inputs, strict=True))
 
 
 @dataclass(frozen=True)
@@ -155,10 +166,18 @@ class BuildReport:
                 "items_per_s": round(self.items_built / self.seconds, 1) if self.items_built else None}
 
 
-def shard_tasks(item_ids: Sequence[str], shard_size: int, prefix: str = "shard") -> list[ShardTask]:
-    """Consecutive items in shards named ``{prefix}-00000``, ...; growing the list keeps earlier shards."""
-    return [ShardTask(f"{prefix}-{i // shard_size:05d}", tuple(item_ids[i:i + shard_size]))
-            for i in range(0, len(item_ids), shard_size)]
+def shard_tasks(item_ids: Sequence[str], shard_size: int, prefix: str = "shard",
+                inputs: Mapping[str, Any] | None = None) -> list[ShardTask]:
+    """Consecutive items in shards named ``{prefix}-00000``, ...; growing the list keeps earlier shards.
+
+    ``inputs`` (item id → what the worker needs of it) go with each shard's own items.
+    """
+    tasks = []
+    for i in range(0, len(item_ids), shard_size):
+        ids = tuple(item_ids[i:i + shard_size])
+        tasks.append(ShardTask(f"{prefix}-{i // shard_size:05d}", ids,
+                               tuple(inputs[k] for k in ids) if inputs is not None else ()))
+    return tasks
 
 
 def completed_record(work_dir: Path, task: ShardTask, key: str) -> ShardRecord | None:

@@ -71,9 +71,8 @@ def project_row(vertices: np.ndarray, row: dict[str, Any]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ProxySpec:
-    """Everything a worker process needs (picklable)."""
+    """Everything a worker process needs but the photos, which come with each shard's task (picklable)."""
 
-    items: dict[str, InputItem]
     model_path: Path
     dictionary_path: Path
     load: LoadConfig
@@ -128,8 +127,9 @@ class ProxyShardWorker:
         row_ids: dict[str, list[str]] = {}
         faces: list[_Face] = []
         with_faces = 0
+        items: dict[str, InputItem] = task.inputs_by_id()
         for item_id in task.item_ids:
-            item = self.spec.items[item_id]
+            item = items[item_id]
             photo, found = self._face(item)
             if isinstance(found, str):
                 rows[item_id] = self._row(item, photo, None, status=QUARANTINED, reason=found)

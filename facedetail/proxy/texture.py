@@ -9,8 +9,10 @@ give smeared colour) and not hidden behind another part of the face (a depth tes
 z-buffer splatted from the texels, in cells of a fixed size on the face).
 
 The per-texel work runs in compiled loops (numba). The orthographic unwrap of the fits
-(:func:`unwrap`) works per triangle, where the texel values are affine, and splats its z-buffer
-from a fixed grid of texels, so its cost per texel is a few dot products; the general one
+(:func:`unwrap`) works per triangle, where the texel values are affine, along runs of a row
+(:class:`TexelRuns`), and splats its z-buffer from a fixed grid of texels; where exact bounds of a
+triangle's values settle its facing or depth test, the test runs once for the triangle instead of
+once per texel, with the same outcome. Its cost per texel is a few multiply-adds; the general one
 (:func:`unwrap_projective`, known 3x4 cameras) blends every texel from the sparse weights.
 """
 
@@ -66,25 +68,74 @@ class TextureConfig(Config):
 ZBUFFER_GRID = 256
 """About this many texels per side splat the unwrap's z-buffer (~1 mm apart on the face: several per 2 mm cell)."""
 
+BOX_CELLS = 64
+"""A triangle whose photo box covers at most this many z-buffer cells gets its depth test decided once (all of
+its texels pass it, or all fail it) where the cells' depths allow; larger ones test texel by texel."""
+
 
 @dataclass(frozen=True)
 class TexelRuns:
-    """Texels grouped by their triangle: those of triangle t are ``rows/cols[starts[t]:starts[t + 1]]``."""
+    """Texels of the UV layout as runs along a row, triangle by triangle (the unwrap's loop order).
 
+    Entry e is layout triangle ``triangle[e]``; its texels are the runs ``starts[e]:starts[e + 1]``, in row-major
+    order, run q being ``(rows[q], c)`` for c in ``range(first[q], stop[q], step)``. About an eighth as many runs as
+    texels at 1024²: the loop evaluates a triangle's affine values once per run and writes each run's texels
+    contiguously. The entries' order is chosen by :meth:`group`; each entry carries the triangle's data the loop
+    reads, so that any order reads memory in sequence.
+    """
+
+    triangle: np.ndarray
+    """(E,) int32 the layout triangle of each entry (each triangle with texels once)."""
+    corners: np.ndarray
+    """(E, 3) int32 its vertex ids."""
+    to_bary: np.ndarray
+    """(E, 3, 3) its map from a texel centre (column, row, 1) to barycentric weights (:attr:`UVTexels.to_bary`)."""
+    box: np.ndarray
+    """(E, 4) int32 the first and last row and the first and last column of its texels."""
     starts: np.ndarray
-    """(T + 1,) int64 offsets."""
+    """(E + 1,) int64 offsets into the runs."""
     rows: np.ndarray
-    """(N,) int32 texel rows, row-major within each triangle."""
-    cols: np.ndarray
-    """(N,) int32 texel columns."""
+    """(N,) int32 row of each run."""
+    first: np.ndarray
+    """(N,) int32 its first column."""
+    stop: np.ndarray
+    """(N,) int32 the column after its last one (``first + k * step`` for its k texels)."""
+    step: int
+    """Column step within a run (1 for every texel, the grid's stride for the z-buffer texels)."""
 
     @classmethod
-    def group(cls, triangle: np.ndarray, rows: np.ndarray, cols: np.ndarray, n_triangles: int) -> TexelRuns:
-        """Group texels (row-major order) by their ``triangle`` index."""
+    def group(cls, triangle: np.ndarray, rows: np.ndarray, cols: np.ndarray, triangles: np.ndarray,
+              to_bary: np.ndarray, step: int = 1, by_row: bool = False) -> TexelRuns:
+        """Group texels (row-major order, columns a multiple of ``step`` apart) by their ``triangle`` index into
+        ``triangles``/``to_bary``; entries in the layout's order, or ``by_row``: by each triangle's first texel."""
+        triangle = np.asarray(triangle, np.int64)
         order = np.argsort(triangle, kind="stable")
-        starts = np.zeros(n_triangles + 1, np.int64)
-        np.cumsum(np.bincount(triangle, minlength=n_triangles), out=starts[1:])
-        return cls(starts, np.ascontiguousarray(rows[order], np.int32), np.ascontiguousarray(cols[order], np.int32))
+        if by_row and len(order):  # move each triangle's texels, kept together, to its first texel's place
+            heads = np.flatnonzero(np.r_[True, triangle[order[1:]] != triangle[order[:-1]]])
+            lengths = np.diff(np.append(heads, len(order)))
+            moved = np.argsort(order[heads], kind="stable")
+            head, length = heads[moved], lengths[moved]
+            order = order[np.repeat(head - (np.cumsum(length) - length), length) + np.arange(len(order))]
+        tri, r, c = triangle[order], np.asarray(rows, np.int64)[order], np.asarray(cols, np.int64)[order]
+        # A run starts where the triangle or the row changes or the next column is not ``step`` further on.
+        new = np.ones(len(tri), np.bool_)
+        new[1:] = (tri[1:] != tri[:-1]) | (r[1:] != r[:-1]) | (c[1:] != c[:-1] + step)
+        heads = np.flatnonzero(new)
+        tails = np.append(heads[1:], len(tri)) - 1
+        entry_texel = np.flatnonzero(np.r_[True, tri[1:] != tri[:-1]]) if len(tri) else np.zeros(0, np.int64)
+        entry = tri[entry_texel]
+        starts = np.searchsorted(heads, np.append(entry_texel, len(tri))).astype(np.int64)
+        box = np.zeros((len(entry), 4), np.int32)
+        for k, (values, reduce) in enumerate([(r, np.minimum), (r, np.maximum), (c, np.minimum), (c, np.maximum)]):
+            if len(entry):
+                box[:, k] = reduce.reduceat(values, entry_texel)
+        return cls(entry.astype(np.int32), np.ascontiguousarray(triangles[entry], np.int32),
+                   np.ascontiguousarray(to_bary[entry]), box, starts, r[heads].astype(np.int32),
+                   c[heads].astype(np.int32), (c[tails] + step).astype(np.int32), int(step))
+
+    def count(self) -> int:
+        """Number of texels in the runs."""
+        return int(((self.stop.astype(np.int64) - self.first + self.step - 1) // self.step).sum())
 
 
 @dataclass(frozen=True)
@@ -108,7 +159,9 @@ class UVTexels:
     to_bary: np.ndarray
     """(T, 3, 3) per triangle: barycentric weights = to_bary @ (column, row, 1) of a texel centre."""
     by_triangle: TexelRuns
-    """Every covered texel, grouped by triangle (the unwrap's order)."""
+    """Every covered texel, as runs grouped by triangle, the triangles by their first texel (row-major): the
+    unwrap's order, which writes its maps a band of rows at a time (0.2 ms of 5 less than the layout's order at
+    1024²)."""
     zbuffer_texels: TexelRuns
     """The covered texels of every ``R // ZBUFFER_GRID``-th row and column (about ``ZBUFFER_GRID``² over the
     map), by triangle: the unwrap's z-buffer is splatted from these, at the same density on the face at
@@ -127,10 +180,12 @@ class UVTexels:
         texel_triangle = raster.triangle[rows, cols].astype(np.int64)
         stride = max(1, resolution // ZBUFFER_GRID)
         on_grid = (rows % stride == 0) & (cols % stride == 0)
+        to_bary = _to_bary(uv, tri, resolution)
         return cls(resolution, rows.astype(np.int32), cols.astype(np.int32), matrix,
-                   np.ascontiguousarray(tri, np.int32), _to_bary(uv, tri, resolution),
-                   TexelRuns.group(texel_triangle, rows, cols, len(tri)),
-                   TexelRuns.group(texel_triangle[on_grid], rows[on_grid], cols[on_grid], len(tri)))
+                   np.ascontiguousarray(tri, np.int32), to_bary,
+                   TexelRuns.group(texel_triangle, rows, cols, tri, to_bary, by_row=True),
+                   TexelRuns.group(texel_triangle[on_grid], rows[on_grid], cols[on_grid], tri, to_bary, stride,
+                                   by_row=True))
 
     def blend(self, per_vertex: np.ndarray) -> np.ndarray:
         """(M, C) texel values blended from (V, C) per-vertex values (float64)."""
@@ -167,6 +222,8 @@ class Unwrapped:
 
     rgba_map: np.ndarray
     """(R, R, 4) uint8: colour where visible (0 elsewhere), alpha = visible."""
+    visible: int | None = None
+    """How many texels are visible, when the unwrap counted them (else :meth:`coverage` counts the alpha)."""
 
     @classmethod
     def from_maps(cls, texture: np.ndarray, mask: np.ndarray) -> Unwrapped:
@@ -185,7 +242,9 @@ class Unwrapped:
 
     def coverage(self) -> float:
         """Fraction of the map's texels that are visible."""
-        return float(np.count_nonzero(self.rgba_map[..., 3])) / self.rgba_map[..., 3].size
+        alpha = self.rgba_map[..., 3]
+        visible = np.count_nonzero(alpha) if self.visible is None else self.visible
+        return float(visible) / alpha.size
 
     def rgba(self) -> np.ndarray:
         """(R, R, 4) uint8 with the mask as alpha, for PNG storage."""
@@ -233,27 +292,46 @@ def unwrap(photo: np.ndarray, vertices: np.ndarray, normals: np.ndarray, camera:
     the 3,448 vertices). A compiled pass splats the z-buffer from the ``ZBUFFER_GRID``² grid of texels,
     a second one writes each visible texel's photo position into two maps, and one ``cv2.remap`` of the
     photo (with an opaque alpha) gives the RGBA map. It is :func:`unwrap_projective` with the equal
-    affine camera but for the z-buffer's texels; 10.6 ms against the previous 23.4 ms per 1024² texture
-    of the default set (`bench/proxy.py`; 4.8 against 5.9 at 512²).
+    affine camera but for the z-buffer's texels. CPU time per texture of real fits (``bench/unwrap.py``,
+    against the per-texel loop before the runs, whose bytes it keeps; a shared machine at load ~2.8): 7.3 ms
+    against 10.1 ms at 1024² (its compiled loop 4.3 against 7.0 ms), 3.0 against 3.6 ms at 512². The remap takes
+    float maps, OpenCV 5's fastest here: fixed-point ones (``cv2.convertMaps``) took twice as long and round
+    differently.
     """
-    per_vertex = _camera_vertices(vertices, normals, camera, float(to_photo))
-    per_cell = 1.0 / (float(camera.scale[0]) * config.zbuffer_cell_mm * float(to_photo))
-    lo = np.floor(per_vertex[:, :2].min(axis=0) * per_cell) - 1  # texels are convex blends: inside the vertices' box
-    span = (np.floor(per_vertex[:, :2].max(axis=0) * per_cell) + 2 - lo).astype(np.int64)
-    h, w = photo.shape[:2]
-    # Texels that stay at -16 sample only the zero border: colour and alpha 0.
-    map_x = np.full((raster.resolution, raster.resolution), -16.0, np.float32)
-    map_y = map_x.copy()
-    zb, runs = raster.zbuffer_texels, raster.by_triangle
-    _unwrap_ortho(raster.triangles, raster.to_bary, zb.starts, zb.rows, zb.cols, runs.starts, runs.rows, runs.cols,
-                  per_vertex, per_cell, float(lo[0]), float(lo[1]), int(span[0]), int(span[1]),
-                  float(np.cos(np.radians(config.max_view_angle_deg))), float(config.depth_tolerance_mm),
-                  float(w - 1), float(h - 1), map_x, map_y)
+    map_x, map_y, visible = _unwrap_maps(photo.shape[:2], vertices, normals, camera, to_photo, raster, config)
     # One bilinear remap of the photo with an opaque alpha gives the RGBA map: a visible texel lies inside the
     # photo (its neighbours beyond the last pixel get weight 0), so its alpha is exactly 255.
     opaque = cv2.cvtColor(np.ascontiguousarray(photo, np.uint8), cv2.COLOR_RGB2RGBA)
     rgba = cv2.remap(opaque, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return Unwrapped(rgba)
+    return Unwrapped(rgba, visible)
+
+
+def unwrap_maps(photo_shape: tuple[int, ...], vertices: np.ndarray, normals: np.ndarray, camera: Cameras,
+                to_photo: float, raster: UVTexels, config: TextureConfig,
+                box_cells: int = BOX_CELLS) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`unwrap`'s two (R, R) float32 maps: each visible texel's photo x, y (px), -16 elsewhere.
+
+    ``box_cells``: :data:`BOX_CELLS` (0: every texel is depth-tested on its own; the same maps, slower)."""
+    return _unwrap_maps(photo_shape, vertices, normals, camera, to_photo, raster, config, box_cells)[:2]
+
+
+def _unwrap_maps(photo_shape: tuple[int, ...], vertices: np.ndarray, normals: np.ndarray, camera: Cameras,
+                 to_photo: float, raster: UVTexels, config: TextureConfig,
+                 box_cells: int = BOX_CELLS) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`unwrap_maps` and the number of visible texels."""
+    per_vertex = _camera_vertices(vertices, normals, camera, float(to_photo))
+    per_cell = 1.0 / (float(camera.scale[0]) * config.zbuffer_cell_mm * float(to_photo))
+    h, w = photo_shape[0], photo_shape[1]
+    # Texels that stay at -16 sample only the zero border: colour and alpha 0.
+    map_x = np.full((raster.resolution, raster.resolution), -16.0, np.float32)
+    map_y = map_x.copy()
+    zb, runs = raster.zbuffer_texels, raster.by_triangle
+    visible = _unwrap_ortho(zb.corners, zb.to_bary, zb.starts, zb.rows, zb.first, zb.stop, zb.step, zb.box,
+                            runs.corners, runs.to_bary, runs.box, runs.starts, runs.rows, runs.first, runs.stop,
+                            per_vertex, per_cell, float(np.cos(np.radians(config.max_view_angle_deg))),
+                            float(config.depth_tolerance_mm), float(w - 1), float(h - 1), int(box_cells), map_x,
+                            map_y)
+    return map_x, map_y, int(visible)
 
 
 def _camera_vertices(vertices: np.ndarray, normals: np.ndarray, camera: Cameras, to_photo: float) -> np.ndarray:
@@ -406,8 +484,9 @@ def _blend(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, per_vertex
 def _triangle_affine(triangles: np.ndarray, to_bary: np.ndarray, per_vertex: np.ndarray, t: int, g: np.ndarray,
                      cos_max: float) -> bool:
     """Fill ``g`` (6, 3) so that a texel's camera values (``per_vertex``'s columns) are g @ (column, row, 1) in
-    triangle ``t``; True when every texel of it faces the camera (its corners' normals all do: a blend of unit
-    normals is no longer than 1, so its z is at least the smallest corner's and the test holds)."""
+    triangle ``t`` (vertex ids ``triangles[t]``, barycentric map ``to_bary[t]``); True when every texel of it faces
+    the camera (its corners' normals all do: a blend of unit normals is no longer than 1, so its z is at least
+    the smallest corner's and the test holds)."""
     v0, v1, v2 = triangles[t, 0], triangles[t, 1], triangles[t, 2]
     for j in range(6):
         a, b, c = per_vertex[v0, j], per_vertex[v1, j], per_vertex[v2, j]
@@ -417,75 +496,137 @@ def _triangle_affine(triangles: np.ndarray, to_bary: np.ndarray, per_vertex: np.
 
 
 @_jit(inline="always")
-def _texel(g: np.ndarray, row: int, col: int, all_facing: bool, cos_max: float) -> tuple[bool, float, float, float]:
-    """A texel of the triangle of ``g``: whether it faces the camera (by ``cos_max``), its photo x, y and depth."""
-    u, v = np.float64(col), np.float64(row)
-    if not all_facing:
-        nx = g[3, 0] * u + g[3, 1] * v + g[3, 2]
-        ny = g[4, 0] * u + g[4, 1] * v + g[4, 2]
-        nz = g[5, 0] * u + g[5, 1] * v + g[5, 2]
-        if not nz >= cos_max * np.sqrt(nx * nx + ny * ny + nz * nz):
-            return False, 0.0, 0.0, 0.0
-    return (True, g[0, 0] * u + g[0, 1] * v + g[0, 2], g[1, 0] * u + g[1, 1] * v + g[1, 2],
-            g[2, 0] * u + g[2, 1] * v + g[2, 2])
+def _facing(g: np.ndarray, u: float, v3: float, v4: float, v5: float, cos_max: float) -> bool:
+    """Whether the texel at column ``u`` of a run faces the camera (by ``cos_max``); ``v3..v5`` are the run's
+    ``g[j, 1] * row`` of the normal's rows."""
+    nx = (g[3, 0] * u + v3) + g[3, 2]
+    ny = (g[4, 0] * u + v4) + g[4, 2]
+    nz = (g[5, 0] * u + v5) + g[5, 2]
+    return nz >= cos_max * np.sqrt(nx * nx + ny * ny + nz * nz)
+
+
+@_jit(inline="always")
+def _cell_xy(x: float, y: float, per_cell: float, lo0: float, lo1: float, span0: int, span1: int) -> tuple[int, int]:
+    """The z-buffer cell (column, row) of photo position (x, y) (``per_cell`` = 1 / the cell's side in px),
+    clamped into it; non-decreasing in x and in y."""
+    c0 = min(max(np.int64(np.floor(x * per_cell) - lo0), 0), span0 - 1)
+    c1 = min(max(np.int64(np.floor(y * per_cell) - lo1), 0), span1 - 1)
+    return c0, c1
 
 
 @_jit(inline="always")
 def _cell(x: float, y: float, per_cell: float, lo0: float, lo1: float, span0: int, span1: int) -> int:
-    """The z-buffer cell of photo position (x, y) (``per_cell`` = 1 / the cell's side in px), clamped into it."""
-    c0 = min(max(np.int64(np.floor(x * per_cell) - lo0), 0), span0 - 1)
-    c1 = min(max(np.int64(np.floor(y * per_cell) - lo1), 0), span1 - 1)
+    """The flat index of :func:`_cell_xy`'s cell."""
+    c0, c1 = _cell_xy(x, y, per_cell, lo0, lo1, span0, span1)
     return c1 * span0 + c0
 
 
+@_jit(inline="always")
+def _box_range(g0: float, g1: float, g2: float, box: np.ndarray, t: int) -> tuple[float, float]:
+    """The least and greatest ``(g0 * col + g1 * row) + g2`` over triangle ``t``'s texel box, as the texel loop
+    rounds it: each operation rounds monotonically, so the value is monotone in col and in row and its extremes
+    over the box are at the box's corners (exact bounds of every texel's value, not estimates)."""
+    v0, v1 = g1 * np.float64(box[t, 0]), g1 * np.float64(box[t, 1])
+    u0, u1 = g0 * np.float64(box[t, 2]), g0 * np.float64(box[t, 3])
+    a, b, c, d = (u0 + v0) + g2, (u0 + v1) + g2, (u1 + v0) + g2, (u1 + v1) + g2
+    return min(min(a, b), min(c, d)), max(max(a, b), max(c, d))
+
+
 @_jit()
-def _unwrap_ortho(triangles: np.ndarray, to_bary: np.ndarray, zb_starts: np.ndarray, zb_rows: np.ndarray,
-                  zb_cols: np.ndarray, starts: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                  per_vertex: np.ndarray, per_cell: float, lo0: float, lo1: float, span0: int, span1: int,
-                  cos_max: float, tolerance: float, max_x: float, max_y: float, map_x: np.ndarray,
-                  map_y: np.ndarray) -> int:
+def _unwrap_ortho(zb_corners: np.ndarray, zb_to_bary: np.ndarray, zb_starts: np.ndarray, zb_rows: np.ndarray,
+                  zb_first: np.ndarray, zb_stop: np.ndarray, zb_step: int, zb_box: np.ndarray, corners: np.ndarray,
+                  to_bary: np.ndarray, box: np.ndarray, starts: np.ndarray, rows: np.ndarray, first: np.ndarray,
+                  stop: np.ndarray, per_vertex: np.ndarray, per_cell: float, cos_max: float, tolerance: float,
+                  max_x: float, max_y: float, box_cells: int, map_x: np.ndarray, map_y: np.ndarray) -> int:
     """The z-buffer splatted from the facing z-buffer texels, then every visible texel's photo position into
     ``map_x``/``map_y`` (left as they are elsewhere); returns the number of visible texels.
 
     Visible: facing, inside the photo, and not behind the closest facing texel of its z-buffer cell by more
-    than ``tolerance``. Per triangle, a texel's camera values are affine in its (column, row): six dot
-    products of three, no per-texel vertex lookups; the facing test is skipped where all of a triangle's
-    corners face the camera, the photo bounds where all of them project inside it.
+    than ``tolerance``. Per triangle, a texel's camera values are affine in its (column, row): per run of a
+    row, ``g[j, 1] * row`` once, then per texel ``(g[j, 0] * col + that) + g[j, 2]`` (the bytes of
+    ``g @ (col, row, 1)`` evaluated left to right) for x, y and depth. The facing test is skipped where all
+    of a triangle's corners face the camera, the photo bounds where all of them project inside it. A triangle
+    none of whose texels can face the camera, or whose depth test the exact bounds of its texels' values
+    (:func:`_box_range`) and its cells' depths settle (over at most ``box_cells`` cells), is decided once: the
+    maps are the bytes of testing every texel.
     """
+    # The z-buffer spans the vertices' box in cells, a cell of margin around: texels are convex blends of them.
+    # (A compiled loop: NumPy's column reductions of per_vertex took 0.2 ms.)
+    x_lo, y_lo, x_hi, y_hi = np.inf, np.inf, -np.inf, -np.inf
+    for i in range(len(per_vertex)):
+        x_lo, x_hi = min(x_lo, per_vertex[i, 0]), max(x_hi, per_vertex[i, 0])
+        y_lo, y_hi = min(y_lo, per_vertex[i, 1]), max(y_hi, per_vertex[i, 1])
+    lo0, lo1 = np.floor(x_lo * per_cell) - 1.0, np.floor(y_lo * per_cell) - 1.0
+    span0, span1 = np.int64((np.floor(x_hi * per_cell) + 2.0) - lo0), np.int64((np.floor(y_hi * per_cell) + 2.0) - lo1)
     zbuf = np.full(span0 * span1, -np.inf)
     g = np.empty((6, 3))
     for t in range(len(zb_starts) - 1):
-        if zb_starts[t + 1] == zb_starts[t]:
-            continue
-        all_facing = _triangle_affine(triangles, to_bary, per_vertex, t, g, cos_max)
+        all_facing = _triangle_affine(zb_corners, zb_to_bary, per_vertex, t, g, cos_max)
+        if not all_facing and _box_range(g[5, 0], g[5, 1], g[5, 2], zb_box, t)[1] < 0.0:
+            continue  # no texel's normal has a positive z: none faces the camera
+        gx0, gx2, gy0, gy2, gz0, gz2 = g[0, 0], g[0, 2], g[1, 0], g[1, 2], g[2, 0], g[2, 2]
         for q in range(zb_starts[t], zb_starts[t + 1]):
-            facing, x, y, depth = _texel(g, zb_rows[q], zb_cols[q], all_facing, cos_max)
-            if facing:
-                k = _cell(x, y, per_cell, lo0, lo1, span0, span1)
-                if depth > zbuf[k]:
-                    zbuf[k] = depth
+            v = np.float64(zb_rows[q])
+            vx, vy, vz = g[0, 1] * v, g[1, 1] * v, g[2, 1] * v
+            v3, v4, v5 = g[3, 1] * v, g[4, 1] * v, g[5, 1] * v
+            for col in range(zb_first[q], zb_stop[q], zb_step):
+                u = np.float64(col)
+                if all_facing or _facing(g, u, v3, v4, v5, cos_max):
+                    k = _cell((gx0 * u + vx) + gx2, (gy0 * u + vy) + gy2, per_cell, lo0, lo1, span0, span1)
+                    depth = (gz0 * u + vz) + gz2
+                    zbuf[k] = max(zbuf[k], depth)  # branch-free: neighbours share cells, a branch mispredicts
     visible = 0
     for t in range(len(starts) - 1):
-        if starts[t + 1] == starts[t]:
-            continue
-        all_facing = _triangle_affine(triangles, to_bary, per_vertex, t, g, cos_max)
+        all_facing = _triangle_affine(corners, to_bary, per_vertex, t, g, cos_max)
+        if not all_facing and _box_range(g[5, 0], g[5, 1], g[5, 2], box, t)[1] < 0.0:
+            continue  # no texel's normal has a positive z: none faces the camera
         inside = True
         for j in range(3):
-            x, y = per_vertex[triangles[t, j], 0], per_vertex[triangles[t, j], 1]
+            x, y = per_vertex[corners[t, j], 0], per_vertex[corners[t, j], 1]
             inside = inside and 0.0 <= x <= max_x and 0.0 <= y <= max_y
+        # The depth test, once for the triangle where its texels' cells and depths settle it (exact bounds, so
+        # the outcome is the per-texel one): every texel that reaches the test lies in the clamped box's cells.
+        x_lo, x_hi = _box_range(g[0, 0], g[0, 1], g[0, 2], box, t)
+        y_lo, y_hi = _box_range(g[1, 0], g[1, 1], g[1, 2], box, t)
+        k0, k1 = _cell_xy(min(max(x_lo, 0.0), max_x), min(max(y_lo, 0.0), max_y), per_cell, lo0, lo1, span0, span1)
+        m0, m1 = _cell_xy(min(max(x_hi, 0.0), max_x), min(max(y_hi, 0.0), max_y), per_cell, lo0, lo1, span0, span1)
+        z_test = True
+        if (m0 - k0 + 1) * (m1 - k1 + 1) <= box_cells:
+            z_hi, z_lo = -np.inf, np.inf
+            for c1 in range(k1, m1 + 1):
+                for c0 in range(k0, m0 + 1):
+                    z_hi, z_lo = max(z_hi, zbuf[c1 * span0 + c0]), min(z_lo, zbuf[c1 * span0 + c0])
+            d_lo, d_hi = _box_range(g[2, 0], g[2, 1], g[2, 2], box, t)
+            if d_hi < z_lo - tolerance:
+                continue  # every texel is behind its cell's closest by more than the tolerance
+            z_test = not d_lo >= z_hi - tolerance
+        gx0, gx2, gy0, gy2, gz0, gz2 = g[0, 0], g[0, 2], g[1, 0], g[1, 2], g[2, 0], g[2, 2]
         for q in range(starts[t], starts[t + 1]):
-            facing, x, y, depth = _texel(g, rows[q], cols[q], all_facing, cos_max)
-            if not facing:
+            row = rows[q]
+            v = np.float64(row)
+            vx, vy, vz = g[0, 1] * v, g[1, 1] * v, g[2, 1] * v
+            if all_facing and inside and not z_test:  # the common case: every texel of the run is visible
+                for col in range(first[q], stop[q]):
+                    u = np.float64(col)
+                    map_x[row, col] = min(max((gx0 * u + vx) + gx2, 0.0), max_x)
+                    map_y[row, col] = min(max((gy0 * u + vy) + gy2, 0.0), max_y)
+                visible += stop[q] - first[q]
                 continue
-            if inside:  # a blend of points inside is inside, up to rounding
-                x, y = min(max(x, 0.0), max_x), min(max(y, 0.0), max_y)
-            elif not (0.0 <= x <= max_x and 0.0 <= y <= max_y):
-                continue
-            if depth < zbuf[_cell(x, y, per_cell, lo0, lo1, span0, span1)] - tolerance:
-                continue
-            map_x[rows[q], cols[q]] = x
-            map_y[rows[q], cols[q]] = y
-            visible += 1
+            v3, v4, v5 = g[3, 1] * v, g[4, 1] * v, g[5, 1] * v
+            for col in range(first[q], stop[q]):
+                u = np.float64(col)
+                if not (all_facing or _facing(g, u, v3, v4, v5, cos_max)):
+                    continue
+                x, y = (gx0 * u + vx) + gx2, (gy0 * u + vy) + gy2
+                if inside:  # a blend of points inside is inside, up to rounding
+                    x, y = min(max(x, 0.0), max_x), min(max(y, 0.0), max_y)
+                elif not (0.0 <= x <= max_x and 0.0 <= y <= max_y):
+                    continue
+                if z_test and (gz0 * u + vz) + gz2 < zbuf[_cell(x, y, per_cell, lo0, lo1, span0, span1)] - tolerance:
+                    continue
+                map_x[row, col] = x
+                map_y[row, col] = y
+                visible += 1
     return visible
 
 

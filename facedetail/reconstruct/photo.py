@@ -16,7 +16,6 @@ Files per face in ``OUT/<photo stem>/`` (:meth:`Reconstructor.write`): ``proxy.o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 import time
@@ -141,7 +140,7 @@ class Reconstructor:
         self.config = config = config or ReconstructConfig()
         self.net = DetailNet.load(net_path, device)
         texture = config.texture.model_copy(update={"resolution": self.net.resolution})
-        self.spec = ProxySpec({}, Path(model_path), Path(dictionary_path), config.load, config.detector, config.fit,
+        self.spec = ProxySpec(Path(model_path), Path(dictionary_path), config.load, config.detector, config.fit,
                               texture, params_hash="reconstruct")
         self.worker = ProxyShardWorker(self.spec)
         self.model: MorphableModel = self.worker.model
@@ -187,10 +186,9 @@ class Reconstructor:
 
     def _proxy(self, photo: Path, item: InputItem) -> _Proxy | Failure:
         """The ``wild_proxy`` worker on this one photo: its row and its texture sample."""
-        self.worker.spec = dataclasses.replace(self.spec, items={item.id: item})
         with tempfile.TemporaryDirectory(prefix="facedetail-reconstruct-") as tmp:
             tar = Path(tmp) / "one.tar"
-            rows = self.worker(ShardTask("one", (item.id,)), tar, lambda n: None)
+            rows = self.worker(ShardTask("one", (item.id,), (item,)), tar, lambda n: None)
             samples = list(iter_tar_shard(tar)) if tar.exists() else []
         row = rows[0]
         if row["status"] != OK or not samples:
