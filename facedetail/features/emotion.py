@@ -147,7 +147,7 @@ def _strided_max(x: torch.Tensor, k: int, s: int, dim: int) -> torch.Tensor:
 
     Over rows, then columns, this gives ``F.max_pool2d``'s values exactly (a max rounds nothing; NaN
     wins in both) at a fraction of the cost of torch's single-threaded NCHW max pool, which was the
-    largest part of the network's forward pass (bench/emotion_pool.py)."""
+    largest part of the network's forward pass (bench/emotion.py)."""
     n = (x.shape[dim] - k) // s + 1
     every_s = [slice(None)] * x.ndim
     every_s[dim] = slice(None, None, s)
