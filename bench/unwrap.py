@@ -74,16 +74,6 @@ def old_runs(uv: np.ndarray, triangles: np.ndarray, resolution: int) -> tuple[tu
 
 
 @cached_njit(error_model="numpy", inline="always")
-def _old_triangle_affine(triangles, to_bary, per_vertex, t, g, cos_max):
-    v0, v1, v2 = triangles[t, 0], triangles[t, 1], triangles[t, 2]
-    for j in range(6):
-        a, b, c = per_vertex[v0, j], per_vertex[v1, j], per_vertex[v2, j]
-        for k in range(3):
-            g[j, k] = a * to_bary[t, 0, k] + b * to_bary[t, 1, k] + c * to_bary[t, 2, k]
-    return min(per_vertex[v0, 5], per_vertex[v1, 5], per_vertex[v2, 5]) >= cos_max
-
-
-@cached_njit(error_model="numpy", inline="always")
 def _old_texel(g, row, col, all_facing, cos_max):
     u, v = np.float64(col), np.float64(row)
     if not all_facing:
@@ -111,7 +101,7 @@ def _old_unwrap_ortho(triangles, to_bary, zb_starts, zb_rows, zb_cols, starts, r
     for t in range(len(zb_starts) - 1):
         if zb_starts[t + 1] == zb_starts[t]:
             continue
-        all_facing = _old_triangle_affine(triangles, to_bary, per_vertex, t, g, cos_max)
+        all_facing = texture._triangle_affine(triangles, to_bary, per_vertex, t, g, cos_max)
         for q in range(zb_starts[t], zb_starts[t + 1]):
             facing, x, y, depth = _old_texel(g, zb_rows[q], zb_cols[q], all_facing, cos_max)
             if facing:
@@ -122,7 +112,7 @@ def _old_unwrap_ortho(triangles, to_bary, zb_starts, zb_rows, zb_cols, starts, r
     for t in range(len(starts) - 1):
         if starts[t + 1] == starts[t]:
             continue
-        all_facing = _old_triangle_affine(triangles, to_bary, per_vertex, t, g, cos_max)
+        all_facing = texture._triangle_affine(triangles, to_bary, per_vertex, t, g, cos_max)
         inside = True
         for j in range(3):
             x, y = per_vertex[triangles[t, j], 0], per_vertex[triangles[t, j], 1]
