@@ -3,20 +3,23 @@ by Prefect + Ray (and by Dask alone, as ``FACEDETAIL_EXECUTOR=dask`` does), all 
 
     python bench/orchestration.py [--share data/external/eos-share] [--count 8000] [--shard-size 1000]
                                   [--workers 2] [--noop 200] [--engines local dask prefect-dask prefect-ray]
-                                  [--baseline-again 1] [--startup-root .]
+                                  [--rounds 1] [--startup-root .]
 
 Per engine, twice: images/s of ``render_expressions``' shard worker over ``--count`` renders
 (256², PNG, tar shards), once with the engine's start-up included (a one-off run, as a user pays
 it) and once on the engine started before the clock ("running": a team's long-lived cluster, its
-workers idle and nothing imported yet), and each one's ratio to the local pool (the baseline,
-today's ``dvc repro``; goal >= 0.9) and fraction of the machine's own limit (the local pool's
-single-process rate times the worker count). Every engine's shards are checked byte-identical to
-the local pool's; the local pool runs again at the end (``--baseline-again``) to show how far the
-machine drifted during the run. Then the Prefect overhead per task (``--noop`` empty tasks through
-each task runner, per task) and, with ``--startup-root`` (a repository whose default profile is
-built and up to date), the flow's fixed cost: ``python -m flows.pipeline`` when DVC says every
-stage is up to date, against the default run's own duration (the stages' run times in its
-lineage records; goal <= 10 %).
+workers idle and nothing imported yet); its fraction of the machine's own limit (the local pool's
+single-process rate times the worker count); and the CPU per image of every process in the run
+(workers, scheduler, nannies, raylet, Prefect's server; it drifts with the machine too: a busy host
+shows up as more CPU per image).
+The local pool (the baseline, today's ``dvc repro``) runs before every engine run and once more
+at the end; each engine run's ratio is taken against the mean of the two local-pool runs next to
+it (goal >= 0.9), and ``--rounds`` repeats the whole sequence. Every engine's shards are checked
+byte-identical to the local pool's. Then the Prefect overhead per task (``--noop`` empty
+tasks through each task runner, per task) and, with ``--startup-root`` (a repository whose
+default profile is built and up to date), the flow's fixed cost: ``python -m flows.pipeline`` when
+DVC says every stage is up to date, against the default run's own duration (the stages' run
+times in its lineage records; goal <= 10 %).
 """
 
 from __future__ import annotations
@@ -60,17 +63,48 @@ def engine_session(engine: str, workers: int) -> Iterator[Any]:
             yield runner
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and every process below it, each with the children it has
+    reaped: the pool's workers, a Dask cluster's worker processes, Ray's raylet and workers, Prefect's server
+    (a process that outlives its parent is lost)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def bracketed_ratios(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per engine, the images/s of each of its runs over the mean of the local-pool runs just before and
+    just after it (only the one before when none follows)."""
+    local = [i for i, run in enumerate(runs) if run["engine"] == "local"]
+    ratios: dict[str, list[float]] = {}
+    for i, run in enumerate(runs):
+        if run["engine"] == "local":
+            continue
+        around = [j for j in (max((j for j in local if j < i), default=None),
+                              min((j for j in local if j > i), default=None)) if j is not None]
+        baseline = sum(runs[j]["images_per_s"] for j in around) / len(around)
+        ratios.setdefault(run["engine"], []).append(round(run["images_per_s"] / baseline, 3))
+    return ratios
+
+
 def build(engine: str, spec: Any, count: int, shard_size: int, workers: int, work: Path,
-          started: Any = None) -> float:
-    """Seconds to build the shards on ``engine``: on the already ``started`` engine (:func:`engine_session`),
-    or, with None, its start-up included (as a user of a one-off run pays it)."""
+          started: Any = None) -> tuple[float, float]:
+    """Seconds to build the shards on ``engine``, and the CPU seconds of every process in the meantime
+    (:func:`tree_cpu_seconds`): on the already ``started`` engine (:func:`engine_session`), or, with None,
+    its start-up included (as a user of a one-off run pays it; its shut-down is not)."""
     from facedetail.io.executors import use_executor
     from facedetail.io.shards import build_shards, shard_tasks
     from facedetail.render.expression_set import ExpressionShardWorker, item_id
 
     tasks = shard_tasks([item_id(i) for i in range(count)], shard_size)
     factory = partial(ExpressionShardWorker, spec)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), tree_cpu_seconds()
     with contextlib.ExitStack() as stack:
         if started is None and engine != "local":
             started = stack.enter_context(engine_session(engine, workers))
@@ -82,7 +116,8 @@ def build(engine: str, spec: Any, count: int, shard_size: int, workers: int, wor
         else:
             _prefect_build(engine.split("-", 1)[1], tasks, factory, work, workers, started)
         seconds = time.perf_counter() - start
-    return seconds
+        cpu = tree_cpu_seconds() - cpu_start  # before the engine's shut-down, while its processes still live
+    return seconds, cpu
 
 
 def _prefect_build(runner: str, tasks: list, factory: Any, work: Path, workers: int, engine: Any) -> None:
@@ -164,8 +199,8 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=200, help="renders in one process, for the machine's limit")
     parser.add_argument("--noop", type=int, default=200, help="empty tasks per task runner for the overhead")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
-    parser.add_argument("--baseline-again", type=int, default=1,
-                        help="local-pool runs at the end, to see how much the machine drifted during the run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of every engine, each run between two local-pool runs")
     parser.add_argument("--startup-root", type=Path, help="a built, up-to-date repository: measure the flow's "
                                                           "fixed cost there")
     args = parser.parse_args()
@@ -201,29 +236,41 @@ def main() -> None:
         results["prefect_server_start_s"] = round(time.perf_counter() - start, 1)
         print(f"Prefect server start: {results['prefect_server_start_s']} s (once; not in the rates below)")
 
+        # The local pool runs before every engine run and once more at the end, and each engine run is
+        # compared with the mean of the two local-pool runs next to it: this machine's speed drifts by
+        # 10-30 % within minutes (one worker's 1,000-render shards took 16 s to 28 s in one run), so a
+        # baseline measured once at the start would land the drift on whichever engine ran when it struck.
+        sequence: list[tuple[str, bool]] = []
+        for _ in range(args.rounds):
+            for engine in (e for e in args.engines if e != "local"):
+                sequence += [("local", False), (engine, False), ("local", False), (engine, True)]
+        sequence += [("local", False)]
         reference = None
-        runs = [("local", False)] + [(e, warm) for e in args.engines if e != "local" for warm in (False, True)]
-        for engine, warm in runs + [("local", False)] * args.baseline_again:
+        runs: list[dict[str, Any]] = []
+        for engine, warm in sequence:
             name = f"{engine} (running)" if warm else engine
-            work = Path(tmp) / f"{engine}-{warm}-{len(results)}"
+            work = Path(tmp) / f"run-{len(runs)}"
             if warm:
                 # The engine as a team keeps it: started before the clock (its workers idle, nothing imported).
                 with engine_session(engine, args.workers) as started:
-                    seconds = build(engine, spec, args.count, args.shard_size, args.workers, work, started)
+                    seconds, cpu = build(engine, spec, args.count, args.shard_size, args.workers, work, started)
             else:
-                seconds = build(engine, spec, args.count, args.shard_size, args.workers, work)
-            rate = args.count / seconds
+                seconds, cpu = build(engine, spec, args.count, args.shard_size, args.workers, work)
             hashes = _hashes(work)
-            if reference is None:
-                reference, baseline = hashes, rate
-            same = hashes == reference
-            results[name if name not in results else f"{name} again"] = {
-                "seconds": round(seconds, 1), "images_per_s": round(rate, 1),
-                "ratio_to_local": round(rate / baseline, 3), "of_limit": round(rate / limit, 3), "same_bytes": same}
-            print(f"{name:>24}: {rate:7.1f} img/s  {seconds:6.1f} s  x{rate / baseline:.3f} of the local pool  "
-                  f"{100 * rate / limit:5.1f} % of the limit  same bytes: {same}", flush=True)
-            if not same:
+            reference = hashes if reference is None else reference
+            run = {"engine": name, "seconds": round(seconds, 1), "images_per_s": round(args.count / seconds, 1),
+                   "of_limit": round(args.count / seconds / limit, 3),
+                   "cpu_ms_per_image": round(1000 * cpu / args.count, 2), "same_bytes": hashes == reference}
+            runs.append(run)
+            print(f"{name:>24}: {run['images_per_s']:7.1f} img/s  {seconds:6.1f} s  "
+                  f"{100 * run['of_limit']:5.1f} % of the limit  {run['cpu_ms_per_image']:5.1f} ms CPU per image "
+                  f"(every process)  same bytes: {run['same_bytes']}", flush=True)
+            if not run["same_bytes"]:
                 raise SystemExit(f"{name} built other bytes than the local pool")
+        results["runs"] = runs
+        results["ratios"] = bracketed_ratios(runs)
+        for name, ratios in results["ratios"].items():
+            print(f"{name:>24}: x{' x'.join(f'{r:.3f}' for r in ratios)} of the local pool around it")
 
     runners = ("local", *[e.split("-", 1)[1] for e in args.engines if e.startswith("prefect-")])
     for runner in runners if args.noop > 0 else ():  # --noop 0: no overhead measurement

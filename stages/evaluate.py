@@ -40,9 +40,9 @@ from facedetail.capture.scan import discover_items, load_scan, read_info, scan_p
 from facedetail.capture.synthetic import SyntheticDetails
 from facedetail.config import content_key, input_path, run_only, set_level
 from facedetail.detail.split import is_held_out, subject_of
-from facedetail.detail.train import deterministic
 from facedetail.dictionary.prior import ExpressionDictionary
 from facedetail.errors import SourceFileError
+from facedetail.features.train import deterministic
 from facedetail.io.atomic import atomic_write_text
 from facedetail.io.manifest import file_row
 from facedetail.io.tables import QUARANTINE_NAME, reason_kind, write_quarantine, write_table

@@ -24,10 +24,10 @@ from pydantic import Field
 
 from facedetail.config import content_key, input_path, run_only, set_level
 from facedetail.detail.split import is_held_out
-from facedetail.detail.train import deterministic
 from facedetail.dictionary.prior import ExpressionDictionary
 from facedetail.errors import SourceFileError
 from facedetail.features.landmarks import DetectorConfig
+from facedetail.features.train import deterministic
 from facedetail.io.images import decode_png
 from facedetail.io.manifest import file_row
 from facedetail.io.tables import QUARANTINE_NAME, reason_kind, write_quarantine

@@ -45,11 +45,11 @@ from facedetail.detail.train import (
     DetailTrainer,
     TrainConfig,
     TrainData,
-    deterministic,
     preview_tiles,
     resolve_device,
 )
 from facedetail.errors import FacedetailError, SourceFileError
+from facedetail.features.train import deterministic
 from facedetail.io.atomic import atomic_write_bytes
 from facedetail.io.hashing import canonical_json
 from facedetail.io.manifest import file_row

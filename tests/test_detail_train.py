@@ -15,12 +15,12 @@ from facedetail.detail.train import (
     ScheduleConfig,
     TrainConfig,
     TrainData,
-    deterministic,
     make_batch,
     pair_albedo,
     region_patches,
     train_step,
 )
+from facedetail.features.train import deterministic
 from facedetail.model.uvmap import rasterize_uv
 from facedetail.proxy.texture import UVTexels
 

@@ -15,6 +15,7 @@ from conftest import TINY_RENDER, tool_env
 
 from facedetail.errors import InterruptedRunError, SourceFileError
 from facedetail.io.executors import (
+    LOCAL_DASK_CONFIG,
     PROBE_NAME,
     DaskExecutor,
     RayExecutor,
@@ -92,6 +93,32 @@ def test_the_engines_set_up_each_worker_process(tmp_path: Path, dask_executor, m
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     with executor_session("ray", workers=2):
         assert ray.get(ray.remote(_threads).remote()) == (1, 1, "osmesa")
+
+
+def _worker_settings() -> dict[str, object]:
+    import dask
+
+    return {"MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+            **{key: dask.config.get(key) for key in LOCAL_DASK_CONFIG if "pre-spawn-environ" not in key}}
+
+
+def test_the_local_cluster_runs_quiet_workers_also_after_a_restart(dask_executor) -> None:
+    """Every worker of the cluster we start has no profiler, slower monitors and glibc's own malloc
+    thresholds (the nanny's MALLOC_TRIM_THRESHOLD_ dropped), and so has every worker its nanny starts again;
+    this process's own Dask settings are left as they were, and its environment (which Dask's in-process
+    nannies write their workers' variables into, so a local pool started later would inherit them) too."""
+    import dask
+
+    expected = {"MALLOC_TRIM_THRESHOLD_": None,
+                **{key: value for key, value in LOCAL_DASK_CONFIG.items() if "pre-spawn-environ" not in key}}
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    client = dask_executor.client()
+    client.wait_for_workers(2)  # an earlier test may have killed one: its nanny starts it again
+    assert list(client.run(_worker_settings).values()) == [expected, expected]
+    client.restart()
+    assert list(client.run(_worker_settings).values()) == [expected, expected]
+    assert dask.config.get("distributed.worker.profile.enabled") is True
+    assert dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_") == 65536
 
 
 def test_dask_does_not_retry_bad_input(tmp_path: Path, dask_executor) -> None:

@@ -190,14 +190,22 @@ def _toy_crops(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_training_is_deterministic_and_learns() -> None:
+    """Equal weights whatever thread count torch would pick for the process (the machine's cores, or
+    ``OMP_NUM_THREADS``): training runs on the config's threads, and gives the process its own back."""
     crops, labels = _toy_crops(32)
-    config = TrainConfig(epochs=10, batch_size=8, lr=3e-3, seed=5)
+    config = TrainConfig(epochs=10, batch_size=8, lr=3e-3, seed=5, threads=2)
     states = []
-    for _ in range(2):
-        torch.manual_seed(config.seed)
-        net = MiniXception()  # small and fast on CPU; EmotionNet shares the training code
-        history = train_classifier(net, crops, labels, config)
-        states.append({k: v.clone() for k, v in net.state_dict().items()})
+    before = torch.get_num_threads()
+    try:
+        for process_threads in (1, 3):
+            torch.set_num_threads(process_threads)
+            torch.manual_seed(config.seed)
+            net = MiniXception()  # small and fast on CPU; EmotionNet shares the training code
+            history = train_classifier(net, crops, labels, config)
+            assert torch.get_num_threads() == process_threads
+            states.append({k: v.clone() for k, v in net.state_dict().items()})
+    finally:
+        torch.set_num_threads(before)
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     probs, feats = predict(net, crops)

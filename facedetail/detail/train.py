@@ -22,8 +22,7 @@ does not have).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -388,21 +387,6 @@ def preview_tiles(generator: DetailGenerator, eval_set: EvalSet, count: int, sca
         rows.append(np.hstack([np.clip(tex, 0, 1), grey(0.5 + 0.5 * true / scale_mm), grey(0.5 + 0.5 * d / scale_mm),
                                grey(shaded / max(float(shaded.max()), 1e-6))]))
     return np.round(np.vstack(rows) * 255).astype(np.uint8)
-
-
-@contextmanager
-def deterministic(threads: int) -> Iterator[None]:
-    """Fixed threads and deterministic kernels inside the block (a rerun gives the same bits on one machine and
-    build); torch's previous settings are restored after it, so other stages in the same process (a Prefect
-    flow) train as they would alone."""
-    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before[0])
-        torch.use_deterministic_algorithms(before[1])
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,7 +2,8 @@
 
 Batches are drawn from a NumPy generator seeded by the config, augmentation (horizontal flip,
 which keeps the emotion) comes from the same generator, and torch's deterministic algorithms
-are switched on while training, so equal inputs and seed give equal weights.
+are switched on while training with a fixed number of threads (a reduction split over more threads
+adds in another order), so equal inputs, seed and threads give equal weights on any machine.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class TrainConfig(Config):
     """Mirror half the crops of each batch at random (expressions are left-right symmetric enough)."""
     seed: int = 2019
     """Seeds the initial weights (networks trained from scratch), the batch order and the flips."""
+    threads: int = Field(2, ge=1)
+    """torch threads while training. The weights depend on it, so it is a param and not the machine's core
+    count (torch's default, and ``OMP_NUM_THREADS``: 1 and 2 threads gave different weights)."""
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,18 @@ class Evaluation:
 
 
 @contextlib.contextmanager
-def deterministic() -> Iterator[None]:
-    """torch's deterministic algorithms for the duration of the block."""
-    before = torch.are_deterministic_algorithms_enabled()
+def deterministic(threads: int) -> Iterator[None]:
+    """Fixed threads and deterministic kernels inside the block (a rerun gives the same bits on one machine and
+    build); torch's previous settings are restored after it, so other stages in the same process (a Prefect
+    flow) train as they would alone."""
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -86,7 +94,7 @@ def train_classifier(net: torch.nn.Module, crops: np.ndarray, labels: np.ndarray
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
     x_all, y_all = to_input(crops), torch.as_tensor(labels, dtype=torch.int64)
-    with deterministic():
+    with deterministic(config.threads):
         for epoch in range(1, config.epochs + 1):
             net.train()
             total, correct, seen = 0.0, 0, 0
