@@ -74,6 +74,7 @@ bench: assets
 	$(PY) bench/reconstruct.py
 	$(PY) bench/lineage.py
 	$(PY) bench/orchestration.py --startup-root .
+	$(PY) bench/worker_heap.py
 	$(PY) bench/remote.py
 	$(PY) bench/photometric.py
 

@@ -3,12 +3,14 @@ by Prefect + Ray (and by Dask alone, as ``FACEDETAIL_EXECUTOR=dask`` does), all 
 
     python bench/orchestration.py [--share data/external/eos-share] [--count 8000] [--shard-size 1000]
                                   [--workers 2] [--noop 200] [--engines local dask prefect-dask prefect-ray]
-                                  [--rounds 1] [--startup-root .]
+                                  [--rounds 1] [--warm-up 2000] [--startup-root .]
 
-Per engine, twice: images/s of ``render_expressions``' shard worker over ``--count`` renders
+Per engine, three times: images/s of ``render_expressions``' shard worker over ``--count`` renders
 (256², PNG, tar shards), once with the engine's start-up included (a one-off run, as a user pays
-it) and once on the engine started before the clock ("running": a team's long-lived cluster, its
-workers idle and nothing imported yet); its fraction of the machine's own limit (the local pool's
+it), once on the engine started before the clock ("running": its workers idle and nothing imported
+yet) and once on an engine that has built ``--warm-up`` renders of another job before the clock
+("warm": a team's long-lived cluster, whose workers have imported what a shard needs; 0 leaves it
+out); its fraction of the machine's own limit (the local pool's
 single-process rate times the worker count); and the CPU per image of every process in the run
 (workers, scheduler, nannies, raylet, Prefect's server; it drifts with the machine too: a busy host
 shows up as more CPU per image).
@@ -201,11 +203,13 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of every engine, each run between two local-pool runs")
+    parser.add_argument("--warm-up", type=int, default=2000,
+                        help="renders built on the engine before its warm run (0: no warm run)")
     parser.add_argument("--startup-root", type=Path, help="a built, up-to-date repository: measure the flow's "
                                                           "fixed cost there")
     args = parser.parse_args()
 
-    from facedetail.io.shards import one_thread_per_process
+    from facedetail.io.executors import set_up_worker_process
     from facedetail.model import load_model_source
     from facedetail.render.expression_set import ExpressionSetSpec, ExpressionShardWorker, item_id
     from facedetail.render.sampling import SamplingConfig
@@ -216,7 +220,7 @@ def main() -> None:
         model_path = model.save(Path(tmp) / "model.npz")
         spec = ExpressionSetSpec(model_path, "bench", 0, 256, SamplingConfig(), 3, "bench")
 
-        one_thread_per_process()
+        set_up_worker_process()  # as every pool process and engine worker is set up
         worker = ExpressionShardWorker(spec)
         worker.render_item(item_id(0))
         start = time.perf_counter()
@@ -240,19 +244,24 @@ def main() -> None:
         # compared with the mean of the two local-pool runs next to it: this machine's speed drifts by
         # 10-30 % within minutes (one worker's 1,000-render shards took 16 s to 28 s in one run), so a
         # baseline measured once at the start would land the drift on whichever engine ran when it struck.
-        sequence: list[tuple[str, bool]] = []
+        sequence: list[tuple[str, str]] = []
         for _ in range(args.rounds):
             for engine in (e for e in args.engines if e != "local"):
-                sequence += [("local", False), (engine, False), ("local", False), (engine, True)]
-        sequence += [("local", False)]
+                sequence += [("local", ""), (engine, ""), ("local", ""), (engine, "running")]
+                sequence += [("local", ""), (engine, "warm")] if args.warm_up > 0 else []
+        sequence += [("local", "")]
         reference = None
         runs: list[dict[str, Any]] = []
-        for engine, warm in sequence:
-            name = f"{engine} (running)" if warm else engine
+        for engine, state in sequence:
+            name = f"{engine} ({state})" if state else engine
             work = Path(tmp) / f"run-{len(runs)}"
-            if warm:
-                # The engine as a team keeps it: started before the clock (its workers idle, nothing imported).
+            if state:
+                # The engine as a team keeps it: started before the clock, and for "warm" one other job built
+                # on it first (its workers have imported what a shard needs, their heaps have grown).
                 with engine_session(engine, args.workers) as started:
+                    if state == "warm":
+                        build(engine, spec, args.warm_up, args.shard_size, args.workers, Path(tmp) / "warm-up",
+                              started)
                     seconds, cpu = build(engine, spec, args.count, args.shard_size, args.workers, work, started)
             else:
                 seconds, cpu = build(engine, spec, args.count, args.shard_size, args.workers, work)

@@ -93,7 +93,8 @@ class EvaluateParams(WildPathParams):
     surface: SurfaceConfig = SurfaceConfig()
     """How surfaces are aligned and compared."""
     threads: int = Field(2, ge=1)
-    """CPU threads of torch (fixed, so that a rerun gives the same numbers)."""
+    """CPU threads of torch (fixed, so that a rerun gives the same numbers).
+    NumPy's and every other BLAS run on one thread (:func:`facedetail.features.train.deterministic`)."""
     device: Literal["auto", "cpu", "cuda"] = run_only("cpu")
     """Where the networks run."""
     holdout_fraction: float = Field(0.2, ge=0, lt=1)

@@ -89,7 +89,8 @@ class ReconstructParams(WildPathParams):
     gallery_columns: int = set_level(2, ge=1)
     """Previews per row of the gallery."""
     threads: int = Field(1, ge=1)
-    """CPU threads of torch (fixed, so that a rerun writes the same bytes)."""
+    """CPU threads of torch (fixed, so that a rerun writes the same bytes).
+    NumPy's and every other BLAS run on one thread (:func:`facedetail.features.train.deterministic`)."""
     device: Literal["auto", "cpu", "cuda"] = run_only("cpu")
     """Where the network runs (``cuda`` results differ from the CPU's in their last bits)."""
 

@@ -90,7 +90,8 @@ class TrainDetailParams(StageParams):
     split_seed: int = 7
     """Seed of both hold-out draws."""
     threads: int = Field(2, ge=1)
-    """CPU threads of torch: part of what makes the bytes (a fixed count is needed for a byte-identical rerun)."""
+    """CPU threads of torch: part of what makes the bytes (a fixed count is needed for a byte-identical rerun).
+    NumPy's and every other BLAS run on one thread (:func:`facedetail.features.train.deterministic`)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: CUDA when torch sees a GPU, else CPU (the weights then differ in their last bits)."""
     preview_every: int = set_level(2, ge=1)

@@ -58,9 +58,16 @@ def _build(work: Path, marks: Path, **worker: str) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.name != PROBE_NAME}
 
 
+ENVIRON_BEFORE_THE_CLUSTER: dict[str, str] = {}
+NANNY_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED",
+                   "MALLOC_TRIM_THRESHOLD_")
+
+
 @pytest.fixture(scope="module")
 def dask_executor():
+    ENVIRON_BEFORE_THE_CLUSTER.update(os.environ)
     executor = DaskExecutor(workers=2)
+    executor.start()
     yield executor
     executor.close()
 
@@ -111,12 +118,19 @@ def test_the_local_cluster_runs_quiet_workers_also_after_a_restart(dask_executor
 
     expected = {"MALLOC_TRIM_THRESHOLD_": None,
                 **{key: value for key, value in LOCAL_DASK_CONFIG.items() if "pre-spawn-environ" not in key}}
-    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    def nanny_variables() -> dict[str, str | None]:
+        return {key: os.environ.get(key) for key in NANNY_VARIABLES}
+
+    def check() -> None:
+        assert list(client.run(_worker_settings).values()) == [expected, expected]
+        assert {variables["OMP_NUM_THREADS"] for variables in client.run(nanny_variables).values()} == {"1"}
+        assert nanny_variables() == {key: ENVIRON_BEFORE_THE_CLUSTER.get(key) for key in NANNY_VARIABLES}
+
     client = dask_executor.client()
     client.wait_for_workers(2)  # an earlier test may have killed one: its nanny starts it again
-    assert list(client.run(_worker_settings).values()) == [expected, expected]
+    check()
     client.restart()
-    assert list(client.run(_worker_settings).values()) == [expected, expected]
+    check()
     assert dask.config.get("distributed.worker.profile.enabled") is True
     assert dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_") == 65536
 

@@ -29,7 +29,7 @@ from facedetail.features.datasets import (
 )
 from facedetail.features.emotion import FER_CLASSES, MiniXception
 from facedetail.features.landmarks import NO_FACE, SEVERAL_FACES, DetectorConfig, LandmarkDetector
-from facedetail.features.train import TrainConfig, evaluate, predict, train_classifier
+from facedetail.features.train import TrainConfig, deterministic, evaluate, predict, train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +212,21 @@ def test_training_is_deterministic_and_learns() -> None:
     assert feats.shape == (32, 128) and probs.shape == (32, 7)
     assert evaluate(probs, labels).accuracy == 1.0
     assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_deterministic_runs_every_blas_on_one_thread_and_gives_the_process_its_own_back() -> None:
+    """``evaluate``'s scores changed with ``OPENBLAS_NUM_THREADS=1`` (OpenBLAS rounds differently on one thread
+    than on several) until the block pinned every BLAS loaded, not only torch."""
+    import faiss  # noqa: F401  (faiss and cv2 each bring their own OpenBLAS)
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> dict[str, int]:
+        return {pool["filepath"]: pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    with threadpool_limits(2, user_api="blas"):
+        before, torch_before = blas_threads(), torch.get_num_threads()
+        assert len(before) >= 2 and set(before.values()) == {2}
+        with deterministic(3):
+            assert set(blas_threads().values()) == {1}
+            assert torch.get_num_threads() == 3 and torch.are_deterministic_algorithms_enabled()
+        assert blas_threads() == before and torch.get_num_threads() == torch_before

@@ -65,14 +65,22 @@ class Evaluation:
 
 @contextlib.contextmanager
 def deterministic(threads: int) -> Iterator[None]:
-    """Fixed threads and deterministic kernels inside the block (a rerun gives the same bits on one machine and
-    build); torch's previous settings are restored after it, so other stages in the same process (a Prefect
-    flow) train as they would alone."""
+    """Fixed threads and deterministic kernels inside the block, so a rerun gives the same bits on one machine
+    and build whatever ``OMP_NUM_THREADS`` or the core count say: torch on ``threads`` threads with its
+    deterministic algorithms, and every BLAS loaded (NumPy's, SciPy's, OpenCV's, faiss's OpenBLAS) on one
+    thread, as in the stages' pool workers (:func:`facedetail.io.shards.one_thread_per_process`). OpenBLAS
+    rounds differently on one thread than on several: ``evaluate``'s scores changed with
+    ``OPENBLAS_NUM_THREADS=1`` before it was pinned here (a library first loaded inside the block keeps its
+    own threads: threadpoolctl sets those loaded). The previous settings are restored after the block, so
+    other stages in the same process (a Prefect flow) run as they would alone."""
+    from threadpoolctl import threadpool_limits
+
     before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     try:
-        yield
+        with threadpool_limits(1, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before[0])
         torch.use_deterministic_algorithms(before[1])

@@ -85,7 +85,41 @@ def set_up_worker_process() -> None:
     from facedetail.io.shards import one_thread_per_process
 
     one_thread_per_process()
+    steady_heap()
     _SET_UP = True
+
+
+STEADY_HEAP_MMAP_THRESHOLD = 32 << 20
+"""Buffers below this come from the heap (glibc's largest dynamic mmap threshold on 64-bit systems)."""
+STEADY_HEAP_TRIM_THRESHOLD = 128 << 20
+"""Free memory at the heap's top that a worker keeps instead of handing it back to the system at once."""
+_MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}  # glibc's malloc.h
+_MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+"""glibc's own variables for what :func:`steady_heap` sets (``GLIBC_TUNABLES``' ``glibc.malloc.*`` too)."""
+
+
+def steady_heap() -> bool:
+    """Fixed glibc malloc thresholds in a worker process, so that a render's buffers are re-used from the heap.
+
+    A fresh process starts with glibc's dynamic thresholds: a buffer over 128 KiB (a 256² image, a PNG, a
+    depth map) is a fresh ``mmap`` until frees have raised the threshold past it, and the heap's top is
+    handed back and faulted in again. A pool process never got there: 511-566 page faults and 1.37-1.50 ms
+    of system time per 256² render (``bench/worker_heap.py``), 44 faults and 0.35-0.38 ms with these
+    thresholds (a long-lived Dask worker got down to ~4 faults only after ~4,000 renders of its own).
+    Nothing is set where the C library is not glibc, where the user set one of these thresholds
+    (:data:`_MALLOC_VARIABLES`: theirs is kept), or with ``FACEDETAIL_STEADY_HEAP=0``; returns whether the
+    thresholds were set."""
+    import ctypes
+    import platform
+
+    if (os.environ.get("FACEDETAIL_STEADY_HEAP", "1") == "0" or any(v in os.environ for v in _MALLOC_VARIABLES)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
+        return False
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)  # this process's own C library
+    return bool(libc.mallopt(_MALLOPT["M_MMAP_THRESHOLD"], STEADY_HEAP_MMAP_THRESHOLD)
+                and libc.mallopt(_MALLOPT["M_TRIM_THRESHOLD"], STEADY_HEAP_TRIM_THRESHOLD))
 
 
 _SET_UP = False
@@ -322,9 +356,38 @@ with the malloc line alone, 104 with all (the others took each worker's event-lo
 0.03 of a core)."""
 
 
+def _environ_keeping_nanny() -> type:
+    """Dask's ``Nanny`` that leaves this process's environment as it found it.
+
+    A nanny runs in the process that starts the cluster, and before it spawns a worker it writes the worker's
+    variables (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``, ``OPENBLAS_NUM_THREADS=1``, ``PYTHONHASHSEED``:
+    ``distributed.nanny.pre-spawn-environ``) into *this* process's ``os.environ``, for good: every process
+    started later (a local pool, ``dvc``, a test's next stage) inherited them. The worker needs them at its
+    start only, so they are put back once it is spawned; also when the nanny starts a lost worker again."""
+    from distributed import Nanny
+
+    class EnvironKeepingNanny(Nanny):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._environ_before = dict(os.environ)
+            super().__init__(*args, **kwargs)
+
+        async def instantiate(self) -> Any:
+            try:
+                return await super().instantiate()
+            finally:
+                for key in self.pre_spawn_env:
+                    if key in self._environ_before:
+                        os.environ[key] = self._environ_before[key]
+                    else:
+                        os.environ.pop(key, None)
+
+    return EnvironKeepingNanny
+
+
 def local_dask_cluster(workers: int) -> Any:
     """A ``LocalCluster`` of ``workers`` single-threaded processes, on 127.0.0.1, no dashboard, with
-    :data:`LOCAL_DASK_CONFIG` (the nannies keep it for the workers they restart)."""
+    :data:`LOCAL_DASK_CONFIG` (the nannies keep it for the workers they restart); this process's environment
+    is left as it was (:func:`_environ_keeping_nanny`)."""
     import copy
 
     import dask
@@ -336,7 +399,7 @@ def local_dask_cluster(workers: int) -> Any:
         # Dask's defaults (tested).
         worker_config = copy.deepcopy(dask.config.config)
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                            dashboard_address=None, config=worker_config)
+                            dashboard_address=None, config=worker_config, worker_class=_environ_keeping_nanny())
 
 
 @dataclass
