@@ -17,6 +17,7 @@ from facedetail.errors import InterruptedRunError, SourceFileError
 from facedetail.io.executors import (
     LOCAL_DASK_CONFIG,
     PROBE_NAME,
+    RAY_NICENESS,
     DaskExecutor,
     RayExecutor,
     SharedFolderError,
@@ -83,23 +84,27 @@ def test_dask_builds_the_same_bytes_and_retries_a_killed_worker(tmp_path: Path, 
     assert len(pids) >= 2 and str(os.getpid()) not in pids, "built in the cluster's worker processes"
 
 
-def _threads() -> tuple[int, int, str]:
+def _threads() -> tuple[int, int, str, int]:
     import cv2
     from threadpoolctl import threadpool_info
 
     blas = max((pool["num_threads"] for pool in threadpool_info()), default=1)
-    return cv2.getNumThreads(), blas, os.environ.get("PYOPENGL_PLATFORM", "")
+    return cv2.getNumThreads(), blas, os.environ.get("PYOPENGL_PLATFORM", ""), os.nice(0)
 
 
 def test_the_engines_set_up_each_worker_process(tmp_path: Path, dask_executor, monkeypatch) -> None:
     """One OpenCV and one BLAS thread per worker process, offscreen GL: by Dask's worker plugin and Ray's
-    worker_process_setup_hook, before any unit runs there."""
+    worker_process_setup_hook, before any unit runs there; and the workers run at this process's nice value,
+    as the local pool's do (Ray's own default is 15)."""
+    expected = (1, 1, "osmesa", os.nice(0))
     client = dask_executor.client()
-    assert set(client.run(_threads).values()) == {(1, 1, "osmesa")}
+    assert set(client.run(_threads).values()) == {expected}
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv(RAY_NICENESS, raising=False)
     with executor_session("ray", workers=2):
-        assert ray.get(ray.remote(_threads).remote()) == (1, 1, "osmesa")
+        assert ray.get(ray.remote(_threads).remote()) == expected
+    assert RAY_NICENESS not in os.environ
 
 
 def _worker_settings() -> dict[str, object]:
