@@ -141,6 +141,8 @@ def test_missing_inputs_are_one_line_errors(tmp_path: Path) -> None:
         assert len(proc.stderr.strip().splitlines()) == 1 and "dvc repro face_model" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # ~70 s; `dvc repro` of these stages runs in the tiny pipeline (conftest) by default, and
+# test_flow_agrees_with_dvc checks that a changed param reruns exactly its stage and descendants
 def test_dvc_repro_of_the_capture_stages(repo: Path) -> None:
     shrink_params(repo)
     sh(["dvc", "repro", "capture_gt"], repo)

@@ -18,6 +18,7 @@ def _set_param(repo: Path, **values: object) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+@pytest.mark.slow  # ~40 s; face_model's `dvc repro` runs in the tiny pipeline (conftest) by default
 def test_dvc_repro_face_model(repo: Path, tmp_path: Path) -> None:
     _set_param(repo, preview_size=64)
     sh(["dvc", "repro", "face_model"], repo)

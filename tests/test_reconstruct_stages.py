@@ -99,6 +99,8 @@ def test_the_command_reconstructs_a_photo_and_reports_each_bad_one(tiny_pipeline
         assert run.returncode == 1 and reason in run.stdout and "Traceback" not in run.stderr, run.stdout
 
 
+@pytest.mark.slow  # ~30 s; the reconstruct stage's bytes are checked against a second run (the flow's) in
+# test_flow_agrees_with_dvc by default
 def test_the_same_photo_gives_the_same_bytes(tiny_pipeline: Path, tmp_path: Path) -> None:
     good = _usable_photo(tiny_pipeline)
     for name in ("a", "b"):

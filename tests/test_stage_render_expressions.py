@@ -179,6 +179,8 @@ def _worker_pids(parent: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # ~20 s; a dead pool worker is tested in tests/test_shards.py and a killed run's resume
+# in test_resume_after_the_run_is_killed by default
 def test_a_killed_worker_fails_the_run_cleanly_and_the_rerun_resumes(tmp_path: Path, model_npz: Path) -> None:
     root = _root(tmp_path, model_npz)
     proc = _start(root, workers=2, **KILL_PARAMS)

@@ -234,3 +234,14 @@ def test_input_hashes_name_files_where_they_lie_and_cover_empty_folders(tmp_path
     assert hashes["a"] == listing_hash({"scan.ply": sha256_bytes(b"scan")})
     assert hashes["empty"] == listing_hash({})
     assert hashes["all"] == listing_hash({"a/scan.ply": sha256_bytes(b"scan")})
+
+
+@pytest.mark.parametrize("module", ["face_model", "render_expressions", "render_faces", "capture_synth",
+                                    "capture_gt", "wild_synth", "detail_pca"])
+def test_a_stage_that_needs_no_torch_starts_without_it(module: str) -> None:
+    # Each `dvc repro` stage is its own process: torch's import (~2.3 s here, through webdataset's package)
+    # was most of these stages' start-up.
+    code = f"import sys, stages.{module}; print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout
+    assert out.strip() == "[]"

@@ -257,6 +257,7 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
         stage.run(stage.WildSynthParams(**TINY), tmp_path)
 
 
+@pytest.mark.slow  # ~35 s; wild_synth's `dvc repro` runs in the tiny pipeline (conftest) by default
 def test_dvc_repro_wild_synth(repo: Path) -> None:
     shrink_params(repo)
     sh(["dvc", "repro", "wild_synth"], repo)
