@@ -20,8 +20,9 @@ it (goal >= 0.9), and ``--rounds`` repeats the whole sequence. Every engine's sh
 byte-identical to the local pool's. Then the Prefect overhead per task (``--noop`` empty
 tasks through each task runner, per task) and, with ``--startup-root`` (a repository whose
 default profile is built and up to date), the flow's fixed cost: ``python -m flows.pipeline`` when
-DVC says every stage is up to date, against the default run's own duration (the stages' run
-times in its lineage records; goal <= 10 %).
+DVC says every stage is up to date, once per runner of ``--startup-runners`` (with ``dask`` / ``ray``
+the flow starts that engine first, as a run with stale stages would), against the default run's own
+duration (the stages' run times in its lineage records; goal <= 10 %). ``--count 0`` measures only that.
 """
 
 from __future__ import annotations
@@ -180,11 +181,12 @@ def default_run_seconds(root: Path) -> float | None:
     return sum(last.values()) if last else None
 
 
-def flow_fixed_cost(root: Path) -> float:
-    """Seconds of ``python -m flows.pipeline`` on ``root`` (every stage up to date: only the fixed cost)."""
+def flow_fixed_cost(root: Path, runner: str = "local") -> float:
+    """Seconds of ``python -m flows.pipeline --runner runner`` on ``root`` (every stage up to date: only the
+    fixed cost; with ``dask`` / ``ray`` it includes starting and closing that engine)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--root", str(root)], cwd=root,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--root", str(root), "--runner", runner],
+                          cwd=root, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if proc.returncode != 0 or "all up to date" not in proc.stdout:
         raise SystemExit(f"the flow did not find {root} up to date (run `dvc repro` first):\n{proc.stdout[-2000:]}"
@@ -192,29 +194,14 @@ def flow_fixed_cost(root: Path) -> float:
     return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--share", type=Path, default=Path("data/external/eos-share"))
-    parser.add_argument("--count", type=int, default=8000, help="renders per engine")
-    parser.add_argument("--shard-size", type=int, default=1000, help="the stage's default")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--single", type=int, default=200, help="renders in one process, for the machine's limit")
-    parser.add_argument("--noop", type=int, default=200, help="empty tasks per task runner for the overhead")
-    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="rounds of every engine, each run between two local-pool runs")
-    parser.add_argument("--warm-up", type=int, default=2000,
-                        help="renders built on the engine before its warm run (0: no warm run)")
-    parser.add_argument("--startup-root", type=Path, help="a built, up-to-date repository: measure the flow's "
-                                                          "fixed cost there")
-    args = parser.parse_args()
-
+def engine_runs(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The machine's limit, every engine's runs between local-pool runs, and the Prefect overhead per task,
+    into ``results``."""
     from facedetail.io.executors import set_up_worker_process
     from facedetail.model import load_model_source
     from facedetail.render.expression_set import ExpressionSetSpec, ExpressionShardWorker, item_id
     from facedetail.render.sampling import SamplingConfig
 
-    results: dict[str, Any] = {"count": args.count, "shard_size": args.shard_size, "workers": args.workers}
     model = load_model_source("sfm", args.share / "sfm_shape_3448.bin", args.share)
     with tempfile.TemporaryDirectory() as tmp:
         model_path = model.save(Path(tmp) / "model.npz")
@@ -289,13 +276,39 @@ def main() -> None:
 
     server.close()
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--share", type=Path, default=Path("data/external/eos-share"))
+    parser.add_argument("--count", type=int, default=8000, help="renders per engine (0: only the flow's "
+                                                                  "fixed cost of --startup-root)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="the stage's default")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--single", type=int, default=200, help="renders in one process, for the machine's limit")
+    parser.add_argument("--noop", type=int, default=200, help="empty tasks per task runner for the overhead")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of every engine, each run between two local-pool runs")
+    parser.add_argument("--warm-up", type=int, default=2000,
+                        help="renders built on the engine before its warm run (0: no warm run)")
+    parser.add_argument("--startup-root", type=Path, help="a built, up-to-date repository: measure the flow's "
+                                                          "fixed cost there")
+    parser.add_argument("--startup-runners", nargs="+", choices=("local", "dask", "ray"),
+                        default=["local", "dask", "ray"], help="the flow's runners whose fixed cost is measured")
+    args = parser.parse_args()
+
+    results: dict[str, Any] = {"count": args.count, "shard_size": args.shard_size, "workers": args.workers}
+    if args.count > 0:
+        engine_runs(args, results)
+
     if args.startup_root is not None:
-        fixed = flow_fixed_cost(args.startup_root)
         default = default_run_seconds(args.startup_root)
-        results["flow_fixed_cost_s"] = round(fixed, 1)
         results["default_run_s"] = None if default is None else round(default, 1)
-        share = f"{100 * fixed / default:.1f} % of the default run's {default:.0f} s" if default else "no lineage"
-        print(f"flow fixed cost (nothing stale): {fixed:.1f} s = {share} (goal <= 10 %)")
+        for runner in args.startup_runners:
+            fixed = flow_fixed_cost(args.startup_root, runner)
+            results[f"flow_fixed_cost_s_{runner}"] = round(fixed, 1)
+            share = f"{100 * fixed / default:.1f} % of the default run's {default:.0f} s" if default else "no lineage"
+            print(f"flow fixed cost, --runner {runner} (nothing stale): {fixed:.1f} s = {share} (goal <= 10 %)")
     print(json.dumps(results))
 
 
