@@ -278,6 +278,8 @@ def engine_runs(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    from flows.pipeline import RUNNERS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--share", type=Path, default=Path("data/external/eos-share"))
     parser.add_argument("--count", type=int, default=8000, help="renders per engine (0: only the flow's "
@@ -293,8 +295,8 @@ def main() -> None:
                         help="renders built on the engine before its warm run (0: no warm run)")
     parser.add_argument("--startup-root", type=Path, help="a built, up-to-date repository: measure the flow's "
                                                           "fixed cost there")
-    parser.add_argument("--startup-runners", nargs="+", choices=("local", "dask", "ray"),
-                        default=["local", "dask", "ray"], help="the flow's runners whose fixed cost is measured")
+    parser.add_argument("--startup-runners", nargs="+", choices=RUNNERS, default=list(RUNNERS),
+                        help="the flow's runners whose fixed cost is measured")
     args = parser.parse_args()
 
     results: dict[str, Any] = {"count": args.count, "shard_size": args.shard_size, "workers": args.workers}
