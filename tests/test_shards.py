@@ -12,6 +12,7 @@ import pytest
 from facedetail.errors import InterruptedRunError
 from facedetail.io.executors import PROBE_NAME
 from facedetail.io.shards import (
+    ShardRecord,
     ShardTask,
     build_shards,
     completed_record,
@@ -104,6 +105,27 @@ def test_build_reuses_complete_shards_and_rebuilds_the_rest(tmp_path: Path) -> N
     repaired = build_shards(tasks, tmp_path, "key-1", EchoWorker)
     assert (repaired.built, repaired.reused) == (2, 1)
     assert [r.sha256 for r in repaired.records] == [r.sha256 for r in first.records]
+
+
+def test_a_record_reads_back_as_the_record_and_as_asdicts_text(tmp_path: Path) -> None:
+    """The record file is written without ``dataclasses.asdict``'s copy: same text as before, read back equal."""
+    import dataclasses
+
+    import numpy as np
+
+    from facedetail.io.hashing import canonical_json
+
+    rows = ({"id": "a", "landmarks": [[1.5, 2.0], [3.0, 4.25]], "beta": np.array([0.5, 1.0]), "label": None},
+            {"id": "b", "landmarks": [[0.0, 1.0]], "beta": np.array([2.0]), "label": "anger"})
+    record = ShardRecord("shard-00000", "0" * 64, 123, "key-1", ("a", "b"), rows)
+    assert record.to_json() == canonical_json(dataclasses.asdict(record))
+    assert json.loads(record.to_json())["rows"][0] == {"id": "a", "landmarks": [[1.5, 2.0], [3.0, 4.25]],
+                                                       "beta": [0.5, 1.0], "label": None}
+
+    tasks = shard_tasks(["i0", "i1"], 4)
+    built = build_shards(tasks, tmp_path, "key-1", EchoWorker).records[0]
+    assert (tmp_path / "shard-00000.done.json").read_text() == built.to_json()
+    assert completed_record(tmp_path, tasks[0], "key-1") == built
 
 
 def test_parallel_build_equals_serial_build(tmp_path: Path) -> None:
